@@ -1,0 +1,69 @@
+"""The example project's Celery app and its one long-running job."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+
+from example_project.ledger import Audit, read_ledger
+from example_project.settings import chunk_delay, configure
+
+logger = logging.getLogger(__name__)
+
+#: Rows of the customer's history read between two pauses of the job.
+CHUNK_ROWS = 2_000
+
+#: How many chunks go by between two progress lines in the worker's log.
+CHUNKS_PER_LOG_LINE = 5
+
+
+app = Celery('example_project')
+configure(app)
+
+
+@app.task(bind=True, name='example_project.audit_customer_history')
+def audit_customer_history(self: Task, path: str, customer: str) -> dict[str, Any]:
+    """Audit one customer's history in the ledger, slowly, chunk by chunk.
+
+    Args:
+        self: The running job, bound to this call.
+        path: The ledger's CSV file, readable by every worker.
+        customer: The customer to audit.
+
+    Returns:
+        The audit's summary, see `example_project.ledger.Audit.summary`.
+    """
+    job_id, worker = self.request.id, self.request.hostname
+    attempt = getattr(self, 'attempt', 1)
+    total = sum(1 for _ in read_ledger(Path(path), customer))
+    delay = chunk_delay()
+    logger.info(
+        'Job %s (attempt %d on %s) starts auditing %d rows of %r.',
+        job_id, attempt, worker, total, customer,
+    )
+
+    audit = Audit(customer)
+    rows = read_ledger(Path(path), customer)
+    for number in itertools.count(1):
+        chunk = list(itertools.islice(rows, CHUNK_ROWS))
+        if not chunk:
+            break
+        audit.feed(chunk)
+        if number % CHUNKS_PER_LOG_LINE == 0:
+            logger.info(
+                'Job %s (attempt %d on %s) has read %d of %d rows of %r.',
+                job_id, attempt, worker, audit.rows, total, customer,
+            )
+        time.sleep(delay)
+
+    summary = audit.summary()
+    logger.info(
+        'Job %s (attempt %d on %s) finished: %d rows, %d anomalies in %r.',
+        job_id, attempt, worker, summary['rows'], len(summary['anomalies']), customer,
+    )
+    return summary
