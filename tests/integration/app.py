@@ -1,0 +1,138 @@
+"""The Celery app that the integration tests run in real worker processes.
+
+Everything that differs between tests comes from environment variables, so the
+worker processes and the test process build the same app from the same mapping:
+
+- ``TURNOUT_IT_BROKER_URL``: the broker (``filesystem://``, ``redis://``, ``amqp://``).
+- ``TURNOUT_IT_TRANSPORT_OPTIONS``: ``broker_transport_options`` as a JSON object.
+- ``TURNOUT_IT_RESULT_BACKEND``: the result backend URL.
+- ``TURNOUT_IT_STORE_URL``: turnout's claim store (``turnout_store_url``).
+- ``TURNOUT_IT_QUEUE_PREFIX``: ``turnout_queue_prefix``, unique per test.
+- ``TURNOUT_IT_TASK_QUEUE``: the queue jobs are sent to, unique per test.
+- ``TURNOUT_IT_INTERVAL``: ``turnout_supervise_interval`` in seconds.
+- ``TURNOUT_IT_RECORDS``: the directory where jobs write what they did.
+
+Each job appends one JSON line per event (``start``, ``finish``) to
+``<records>/<job id>.jsonl``, so a test can see every attempt of a job, on which
+worker and in which process it ran, and when.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from kombu import Queue
+
+from celery_turnout import turnout_task
+
+#: Seconds between two looks at the clock while a job sleeps or spins.
+STEP = 0.05
+
+#: How long RabbitMQ and Redis keep a test's job queue after its last use.
+QUEUE_EXPIRES_MS = 10 * 60 * 1000
+
+
+def create_app(env: Mapping[str, str]) -> Celery:
+    """Build the integration-test app from a mapping of ``TURNOUT_IT_*`` variables.
+
+    Args:
+        env: The variables; missing ones fall back to a local Redis.
+
+    Returns:
+        A configured app with the test jobs registered under fixed names, so that
+        the test process and the workers agree on them however they import this.
+    """
+    app = Celery("turnout_it", set_as_current=False)
+    task_queue = env.get("TURNOUT_IT_TASK_QUEUE", "turnout-it")
+    app.conf.update(
+        broker_url=env.get("TURNOUT_IT_BROKER_URL", "redis://127.0.0.1:6379/1"),
+        broker_transport_options=json.loads(
+            env.get("TURNOUT_IT_TRANSPORT_OPTIONS", "{}")
+        ),
+        broker_connection_retry_on_startup=True,
+        result_backend=env.get("TURNOUT_IT_RESULT_BACKEND", "redis://127.0.0.1:6379/2"),
+        result_expires=3600,
+        task_default_queue=task_queue,
+        task_queues=[
+            Queue(task_queue, queue_arguments={"x-expires": QUEUE_EXPIRES_MS}),
+        ],
+        worker_hijack_root_logger=True,
+        turnout_supervise_interval=float(env.get("TURNOUT_IT_INTERVAL", "1")),
+        turnout_store_url=env.get("TURNOUT_IT_STORE_URL", "redis://127.0.0.1:6379/3"),
+        turnout_queue_prefix=env.get("TURNOUT_IT_QUEUE_PREFIX", "turnout-it"),
+    )
+    records = Path(env.get("TURNOUT_IT_RECORDS", "records"))
+    _register_jobs(app, records)
+    return app
+
+
+def _register_jobs(app: Celery, records: Path) -> None:
+    """Register the jobs the tests send, writing their records under ``records``."""
+
+    def record(task: Task, event: str) -> None:
+        line = {
+            "job": task.request.id,
+            "attempt": getattr(task, "attempt", None),
+            "worker": task.request.hostname,
+            "pid": os.getpid(),
+            "event": event,
+            "time": time.time(),
+        }
+        records.mkdir(parents=True, exist_ok=True)
+        path = records / f"{task.request.id}.jsonl"
+
+        # One write of one line with O_APPEND: lines from several processes
+        # never interleave.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def outcome(task: Task, seconds: float) -> dict[str, Any]:
+        return {
+            "job": task.request.id,
+            "attempt": getattr(task, "attempt", None),
+            "worker": task.request.hostname,
+            "pid": os.getpid(),
+            "seconds": seconds,
+        }
+
+    @turnout_task(app, name="it.sleeper", bind=True)
+    def sleeper(self: Task, seconds: float) -> dict[str, Any]:
+        """Sleep in small steps, recording the start and the finish."""
+        record(self, "start")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(STEP)
+        record(self, "finish")
+        return outcome(self, seconds)
+
+    @turnout_task(app, name="it.spinner", bind=True)
+    def spinner(self: Task, seconds: float) -> dict[str, Any]:
+        """Keep a CPU busy for ``seconds``, recording the start and the finish."""
+        record(self, "start")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sum(range(1000))
+        record(self, "finish")
+        return outcome(self, seconds)
+
+    @app.task(name="it.plain_sleeper", bind=True, acks_late=True)
+    def plain_sleeper(self: Task, seconds: float) -> dict[str, Any]:
+        """Sleep like ``it.sleeper``, as a plain late-acking Celery task."""
+        record(self, "start")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(STEP)
+        record(self, "finish")
+        return outcome(self, seconds)
+
+
+app = create_app(os.environ)
