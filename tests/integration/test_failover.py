@@ -1,0 +1,108 @@
+"""A job survives the death or the long pause of the worker that owns it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import Cluster, stays_false, wait_for
+
+import celery_turnout
+
+pytestmark = pytest.mark.integration
+
+#: Seconds allowed on top of interval + grace for a takeover to show: the
+#: re-dispatch, its delivery to a live worker and the first record of the job.
+TAKEOVER_SLACK = 1.0
+
+
+def detection_bound(cluster: Cluster) -> float:
+    """The promised delay from an owner's death to the next attempt's start."""
+    grace = cluster.app.conf.get("turnout_grace") or cluster.interval / 2
+    return cluster.interval + grace + TAKEOVER_SLACK
+
+
+def wait_until_covered(cluster: Cluster, job_id: str) -> None:
+    """Wait until supervision covers the job, so that a takeover can find it."""
+    wait_for(
+        lambda: any(
+            e["event"] == "covered" for e in celery_turnout.history(cluster.app, job_id)
+        ),
+        timeout=3 * cluster.interval + 5,
+        what=f"job {job_id} to be covered by supervision",
+    )
+
+
+def events_of(cluster: Cluster, job_id: str) -> list[tuple[str, int]]:
+    """Return the (event, attempt) pairs of a job's history."""
+    history = celery_turnout.history(cluster.app, job_id)
+    return [(e["event"], e["attempt"]) for e in history]
+
+
+def test_a_job_whose_owner_is_killed_finishes_on_another_worker_as_attempt_two(
+    cluster: Cluster, figure: Callable[[str], None]
+) -> None:
+    cluster.start(2)
+    seconds = 4.0
+    job = cluster.send("it.sleeper", seconds)
+    first = cluster.wait_started(job.id)
+    owner = cluster.owner_of(first)
+    wait_until_covered(cluster, job.id)
+    wait_for(lambda: time.time() >= first["time"] + seconds / 2, seconds, "halfway")
+
+    bound = detection_bound(cluster)
+    killed_at = owner.kill()
+    second = cluster.wait_started(job.id, attempt=2, timeout=bound + 10)
+
+    delay = second["time"] - killed_at
+    figure(
+        f"{cluster.broker_name}: SIGKILL to attempt 2 started {delay:.2f} s "
+        f"(bound {bound:.2f} s)"
+    )
+    assert second["worker"] in {w.name for w in cluster.others(owner)}
+    assert delay <= bound
+
+    outcome: dict[str, Any] = job.get(timeout=seconds + 30)
+    assert outcome["job"] == job.id
+    assert outcome["attempt"] == 2
+    assert outcome["worker"] == second["worker"]
+    assert ("taken_over", 2) in events_of(cluster, job.id)
+    assert [r["attempt"] for r in cluster.records.events(job.id, "start")] == [1, 2]
+
+
+def test_a_paused_owner_is_fenced_and_the_result_comes_from_the_next_attempt(
+    cluster: Cluster, figure: Callable[[str], None]
+) -> None:
+    cluster.start(2)
+    seconds = 8.0
+    job = cluster.send("it.sleeper", seconds)
+    first = cluster.wait_started(job.id)
+    owner = cluster.owner_of(first)
+    wait_until_covered(cluster, job.id)
+
+    bound = detection_bound(cluster)
+    stopped_at = owner.stop()
+    second = cluster.wait_started(job.id, attempt=2, timeout=bound + 10)
+    owner.resume()
+    figure(
+        f"{cluster.broker_name}: SIGSTOP to attempt 2 started "
+        f"{second['time'] - stopped_at:.2f} s"
+    )
+    assert second["worker"] in {w.name for w in cluster.others(owner)}
+
+    outcome: dict[str, Any] = job.get(timeout=seconds + 30)
+    assert outcome["attempt"] == 2
+
+    # Unfenced, the first copy would have finished by now or soon after:
+    # watch until then, and see that it neither finished nor overwrote the result.
+    unfenced_finish = first["time"] + seconds + 2.0
+    first_stopped = stays_false(
+        lambda: cluster.records.events(job.id, "finish", attempt=1),
+        max(0.0, unfenced_finish - time.time()),
+    )
+    figure(f"{cluster.broker_name}: the fenced first copy stopped: {first_stopped}")
+    stored = cluster.app.AsyncResult(job.id).get(timeout=10)
+    assert stored["attempt"] == 2, "the first attempt's late result overwrote it"
+    assert ("fenced", 1) in events_of(cluster, job.id)

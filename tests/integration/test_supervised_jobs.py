@@ -1,0 +1,92 @@
+"""Supervised jobs on healthy workers: they run once and can be seen while running."""
+
+from __future__ import annotations
+
+import pytest
+from harness import Cluster, wait_for
+
+import celery_turnout
+
+pytestmark = pytest.mark.integration
+
+#: Seconds a tick may run late on a loaded two-core machine.
+COVER_SLACK = 0.5
+
+
+def test_a_job_finishes_on_its_first_attempt(cluster: Cluster) -> None:
+    cluster.start(2)
+
+    job = cluster.send("it.sleeper", 1.0)
+    outcome = job.get(timeout=30)
+
+    assert outcome["job"] == job.id
+    assert outcome["attempt"] == 1
+    assert [r["attempt"] for r in cluster.records.events(job.id, "start")] == [1]
+    assert [r["attempt"] for r in cluster.records.events(job.id, "finish")] == [1]
+    events = [e["event"] for e in celery_turnout.history(cluster.app, job.id)]
+    assert "taken_over" not in events
+    assert events[-1] == "finished"
+
+
+def test_turnout_jobs_lists_a_running_job_with_its_owner_and_attempt(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    job = cluster.send("it.sleeper", 5.0)
+    first = cluster.wait_started(job.id)
+    owner = cluster.owner_of(first)
+
+    replies = cluster.inspect("turnout-jobs")
+
+    listed = {name: reply["ok"] for name, reply in replies.items()}
+    assert set(listed) == {w.name for w in cluster.workers}
+    (entry,) = [j for j in listed[owner.name] if j["id"] == job.id]
+    assert entry["task"] == "it.sleeper"
+    assert entry["attempt"] == 1
+    assert entry["owner"] == owner.name
+    assert abs(entry["started"] - first["time"]) < 2.0
+    assert entry["proven"] is None or entry["proven"] >= entry["started"] - 1.0
+    for other in cluster.others(owner):
+        assert all(j["id"] != job.id for j in listed[other.name])
+
+
+def test_a_pool_kept_busy_by_long_jobs_causes_no_takeover(cluster: Cluster) -> None:
+    cluster.start(2, concurrency=1)
+    seconds = 5 * cluster.interval
+
+    busy = [cluster.send("it.spinner", seconds) for _ in cluster.workers]
+    waiting = cluster.send("it.sleeper", 0.5)
+    for job in busy:
+        cluster.wait_started(job.id)
+    assert {cluster.records.started(j.id)["worker"] for j in busy} == {
+        w.name for w in cluster.workers
+    }
+
+    for job in [*busy, waiting]:
+        assert job.get(timeout=seconds + 30)["attempt"] == 1
+    for job in [*busy, waiting]:
+        assert [r["attempt"] for r in cluster.records.events(job.id, "start")] == [1]
+        events = [e["event"] for e in celery_turnout.history(cluster.app, job.id)]
+        assert "taken_over" not in events, events
+
+
+def test_a_job_is_covered_by_supervision_within_one_interval_and_a_grace(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    job = cluster.send("it.sleeper", 3.0)
+    first = cluster.wait_started(job.id)
+    grace = cluster.app.conf.get("turnout_grace") or cluster.interval / 2
+
+    covered = wait_for(
+        lambda: [
+            e
+            for e in celery_turnout.history(cluster.app, job.id)
+            if e["event"] == "covered"
+        ],
+        timeout=10,
+        what=f"job {job.id} to be covered",
+    )
+
+    assert covered[0]["attempt"] == 1
+    assert covered[0]["at"] - first["time"] <= cluster.interval + grace + COVER_SLACK
