@@ -1,0 +1,117 @@
+"""The consumer bootstep that runs turnout inside every Celery worker."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from celery import bootsteps
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.signals import worker_shutting_down
+from celery.worker import state as worker_state
+
+from .errors import ImproperlyConfigured
+from .settings import Settings
+from .store import store_for
+from .supervision import Supervisor, register
+
+#: Seconds between runs of the main-thread steps that the supervision thread
+#: queues (acknowledging covered jobs, stopping fenced copies).
+MAIN_THREAD_PERIOD = 0.2
+#: Longest a warm shutdown waits for its jobs to be re-dispatched.
+HANDOFF_TIMEOUT = 10.0
+
+_shutting_down = False
+
+
+@worker_shutting_down.connect(weak=False)
+def _note_shutdown(**_: Any) -> None:
+    # Runs inside the signal handler: note it and do nothing else here.
+    global _shutting_down
+    _shutting_down = True
+
+
+class Supervision(bootsteps.StartStopStep):
+    """Supervise this worker's turnout jobs and monitor everyone else's.
+
+    Starts the supervision thread on the first broker connection and keeps it
+    across reconnections of the task consumer, which only releases the jobs
+    whose messages the broker will redeliver. On a warm shutdown it hands the
+    held jobs off to other workers (``turnout_shutdown = 'handoff'``).
+    """
+
+    label = 'Turnout'
+    requires = ('celery.worker.consumer.tasks:Tasks',)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.supervisor: Supervisor | None = None
+        self._timer: Any = None
+
+    def start(self, c: Any) -> None:
+        if self.supervisor is None:
+            self.supervisor = self._create(c)
+            self.supervisor.start()
+        self._timer = c.timer.call_repeatedly(
+            MAIN_THREAD_PERIOD, self.supervisor.run_pending_calls,
+        )
+
+    def _create(self, c: Any) -> Supervisor:
+        if isinstance(c.pool, SoloPool):
+            raise ImproperlyConfigured(
+                'celery-turnout cannot supervise jobs on the solo pool: it runs '
+                'jobs on the thread that must acknowledge and fence them. Start '
+                'the worker with -P prefork (the default) or -P threads.'
+            )
+        settings = effective_settings(c.app)
+        supervisor = Supervisor(
+            c.app, c.hostname, settings, store_for(c.app), pool=c.pool,
+        )
+        register(supervisor)
+        c.turnout = supervisor
+        return supervisor
+
+    def stop(self, c: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        supervisor = self.supervisor
+        if supervisor is None:
+            return
+        if _leaving():
+            if supervisor.settings.shutdown == 'handoff':
+                supervisor.hand_off(HANDOFF_TIMEOUT)
+        else:
+            supervisor.release_uncovered()
+        supervisor.run_pending_calls()
+
+    def shutdown(self, c: Any) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor.run_pending_calls()
+
+
+def _leaving() -> bool:
+    return (
+        _shutting_down
+        or worker_state.should_stop is not None
+        or bool(worker_state.should_terminate)
+    )
+
+
+def effective_settings(app: Any) -> Settings:
+    """The app's settings, with the shortest interval any turnout task asks for."""
+    from .task import TurnoutTask
+
+    settings = Settings.from_app(app)
+    asked = [
+        task.supervise_interval for task in app.tasks.values()
+        if isinstance(task, TurnoutTask) and task.supervise_interval
+    ]
+    interval = min([settings.supervise_interval, *asked])
+    if interval == settings.supervise_interval:
+        return settings
+    return dataclasses.replace(
+        settings, supervise_interval=interval,
+        grace=min(settings.grace, interval / 2),
+    )

@@ -1,0 +1,249 @@
+"""Admission of turnout jobs in the worker's main process.
+
+Every job message passes through :func:`supervised`, the task strategy of
+:class:`~celery_turnout.TurnoutTask`, before Celery builds a request for it.
+The claim store decides whether this copy starts and as which attempt; a copy
+that must not start is acknowledged and dropped here, so that it never reaches
+the pool. An admitted job enters the worker's ledger, and its request
+(:class:`TurnoutRequest`) reports back when a pool process accepts it, and how
+it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Celery
+from celery.worker import state as worker_state
+from celery.worker.request import Request
+from celery.worker.strategy import default as default_strategy
+from kombu.message import Message
+
+from .errors import JobExhausted, MalformedMessage
+from .ledger import HeldJob
+from .messages import ATTEMPT_HEADER, StoredMessage, attempt_of, copy_id
+from .store import Verdict
+from .supervision import REASON_HEADER, Supervisor, supervisor_of
+
+logger = logging.getLogger(__name__)
+
+#: Seconds before a message is returned to the broker when the store is down.
+STORE_RETRY_DELAY = 2.0
+
+
+def supervised(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """The task strategy of turnout tasks: admit each job, then hand it to Celery."""
+    handle = default_strategy(task, app, consumer, **kwargs)
+
+    def handle_job(
+        message: Message, body: Any, ack: Any, reject: Any, callbacks: Any,
+        **options: Any,
+    ) -> Any:
+        supervisor = supervisor_of(app)
+        if supervisor is None:
+            logger.error(
+                'Turnout job %s of task %s arrived before turnout supervision '
+                'started on this worker; it runs unsupervised.',
+                (message.headers or {}).get('id'), task.name,
+            )
+            return handle(message, body, ack, reject, callbacks, **options)
+
+        job = admit(supervisor, task, message, consumer.timer)
+        if job is None:
+            return None
+        result = handle(message, body, ack, reject, callbacks, **options)
+        request = job.request
+        if request is not None and (
+            request in worker_state.reserved_requests
+            or request in worker_state.scheduled_requests
+            or request in worker_state.active_requests
+        ):
+            job.seen = True
+        return result
+
+    return handle_job
+
+
+def admit(
+    supervisor: Supervisor, task: Any, message: Message, timer: Any,
+) -> HeldJob | None:
+    """Claim this copy of a job; return the held job, or None if it must not run.
+
+    A copy that must not run is acknowledged here. When the store cannot be
+    reached the message is returned to the broker a little later, unacknowledged
+    until then, so that no job is lost while the store is down.
+    """
+    headers = message.headers or {}
+    job_id = headers.get('id')
+    if not isinstance(job_id, str) or not job_id:
+        logger.error(
+            'Dropping a message for turnout task %s that has no job id header '
+            '(Celery message protocol 1 is not supported).', task.name,
+        )
+        message.ack()
+        return None
+    try:
+        attempt = attempt_of(headers)
+    except MalformedMessage as exc:
+        logger.warning('Job %s: %s; treating it as attempt 1.', job_id, exc)
+        attempt = 1
+    copy = copy_id(headers, job_id, attempt)
+    retries = headers.get('retries') or 0
+    last_attempt = 1 + _max_takeovers(task, supervisor) + (
+        retries if isinstance(retries, int) else 0
+    )
+
+    try:
+        admission = supervisor.store.admit(
+            job_id, attempt, copy, StoredMessage.from_message(message).dumps(),
+            last_attempt,
+            {'event': 'started', 'worker': supervisor.hostname, 'at': time.time(),
+             'copy': copy, 'reason': headers.get(REASON_HEADER)},
+        )
+    except Exception as exc:
+        logger.error(
+            'Cannot admit job %s attempt %d: the turnout store is unreachable '
+            '(%r). The message goes back to the broker in %.0f s and is retried.',
+            job_id, attempt, exc, STORE_RETRY_DELAY,
+        )
+        timer.call_after(STORE_RETRY_DELAY, _requeue, (message,))
+        return None
+
+    verdict = admission.verdict
+    if verdict is Verdict.START:
+        if admission.attempt != attempt:
+            logger.warning(
+                'Job %s copy %s comes back after its holder died before covering '
+                'it; starting it as attempt %d.', job_id, copy, admission.attempt,
+            )
+        logger.info(
+            'Job %s (%s) attempt %d admitted on worker %s.',
+            job_id, task.name, admission.attempt, supervisor.hostname,
+        )
+        job = HeldJob(job_id, task.name, admission.attempt, copy)
+        supervisor.ledger.add(job)
+        return job
+
+    if verdict is Verdict.EXHAUSTED:
+        _fail_exhausted(supervisor, task, job_id, admission.attempt, headers)
+    elif verdict is Verdict.DUPLICATE:
+        logger.info(
+            'Dropping copy %s of job %s: attempt %d is already held by copy %s.',
+            copy, job_id, admission.attempt, admission.holder,
+        )
+    elif verdict is Verdict.FINISHED:
+        logger.info(
+            'Dropping copy %s of job %s attempt %d: the job already finished (%s).',
+            copy, job_id, admission.attempt, admission.holder,
+        )
+    else:
+        logger.info(
+            'Dropping copy %s of job %s: the job was cancelled (%s).',
+            copy, job_id, admission.holder,
+        )
+    message.ack()
+    return None
+
+
+def _max_takeovers(task: Any, supervisor: Supervisor) -> int:
+    own = getattr(task, 'max_takeovers', None)
+    return supervisor.settings.max_takeovers if own is None else int(own)
+
+
+def _fail_exhausted(
+    supervisor: Supervisor, task: Any, job_id: str, attempt: int,
+    headers: dict[str, Any],
+) -> None:
+    reason = headers.get(REASON_HEADER) or 'its worker was lost'
+    exc = JobExhausted(
+        f'job {job_id} ({task.name}) was lost on each of its {attempt - 1} '
+        f'attempts, the last time because {reason}; giving up after '
+        f'{_max_takeovers(task, supervisor)} takeover(s)'
+    )
+    logger.error('Job %s fails for good: %s.', job_id, exc)
+    task.backend.mark_as_failure(job_id, exc)
+    supervisor.store.log(job_id, {
+        'event': 'failed', 'attempt': attempt - 1, 'worker': supervisor.hostname,
+        'at': time.time(), 'reason': str(exc),
+    })
+
+
+def _requeue(message: Message) -> None:
+    if not message.acknowledged:
+        message.requeue()
+
+
+class TurnoutRequest(Request):
+    """Celery's request for a turnout job, tied to the job in the worker's ledger."""
+
+    turnout_job: HeldJob | None = None
+
+    def __init__(self, message: Message, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        supervisor = supervisor_of(self._app)
+        job = supervisor.ledger.get(self.id) if supervisor is not None else None
+        headers = message.headers or {}
+        if job is None or job.request is not None:
+            return
+        try:
+            attempt = attempt_of(headers)
+        except MalformedMessage:
+            attempt = 1
+        if job.copy != copy_id(headers, self.id, attempt):
+            return
+        job.request = self
+        self.turnout_job = job
+        # The pool process reads the attempt from here, not from the message.
+        self._request_dict[ATTEMPT_HEADER] = job.attempt
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        """A pool process took the job (runs in the worker's main process)."""
+        super().on_accepted(pid, time_accepted)
+        job, supervisor = self.turnout_job, supervisor_of(self._app)
+        if job is not None and supervisor is not None:
+            supervisor.on_accepted(job, pid)
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False,
+    ) -> None:
+        """The job raised, or its pool process died (worker's main process)."""
+        job, supervisor = self.turnout_job, supervisor_of(self._app)
+        if job is None or supervisor is None:
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        exc = getattr(exc_info.exception, 'exc', exc_info.exception)
+
+        if job.released is not None:
+            worker_state.task_ready(self)
+            if not self.acknowledged:
+                self.acknowledge()
+            supervisor.ledger.discard(job)
+            logger.info(
+                'This worker\'s copy of job %s attempt %d ended (%r) after it was '
+                '%s; its outcome is ignored.', job.id, job.attempt, exc, job.released,
+            )
+            return None
+
+        if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
+            reason = f'its pool process on {supervisor.hostname} died ({exc!r})'
+            logger.warning(
+                'Job %s attempt %d lost its pool process (%r); the worker keeps '
+                'serving and re-dispatches the job as attempt %d.',
+                job.id, job.attempt, exc, job.attempt + 1,
+            )
+
+            def settle() -> None:
+                worker_state.task_ready(self)
+                if not self.acknowledged:
+                    self.acknowledge()
+                supervisor.ledger.discard(job)
+
+            supervisor.redispatch_later(job, reason, settle)
+            return None
+
+        supervisor.ledger.discard(job)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+

@@ -1,0 +1,97 @@
+"""The jobs a worker holds, shared by its main thread and its supervision thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class HeldJob:
+    """One attempt of a job that this worker admitted and has not let go.
+
+    Attributes:
+        id: The job id (the Celery task id, the same on every attempt).
+        task: The task name.
+        attempt: The attempt number, 1 for the first run.
+        copy: The id of the message copy this attempt came from.
+        received: When this worker admitted it (epoch seconds).
+        request: Celery's request, once the worker built it.
+        started: When a pool process began running it (epoch seconds).
+        covered: True once a supervise tick named it, so that its initiating
+            message could be acknowledged.
+        seen: True once Celery listed its request as reserved, scheduled or
+            active; a seen job that left those lists has finished.
+        released: Why this worker gave the job up (``'fenced'``,
+            ``'handed_off'``, ``'requeued'``, ``'cancelled'``), or None while it
+            is held.
+    """
+
+    id: str
+    task: str
+    attempt: int
+    copy: str
+    received: float = field(default_factory=time.time)
+    request: Any = None
+    started: float | None = None
+    covered: bool = False
+    seen: bool = False
+    released: str | None = None
+
+    def describe(self, owner: str, proven: float | None) -> dict[str, Any]:
+        """The job as ``inspect turnout-jobs`` reports it."""
+        return {
+            'id': self.id, 'task': self.task, 'attempt': self.attempt,
+            'owner': owner, 'started': self.started or self.received,
+            'proven': proven if self.covered else None,
+            'state': 'running' if self.started else 'queued',
+        }
+
+
+class Ledger:
+    """A thread-safe table of :class:`HeldJob`, keyed by job id."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, HeldJob] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job: HeldJob) -> None:
+        """Hold ``job``, replacing an older attempt of the same id."""
+        with self._lock:
+            self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> HeldJob | None:
+        """The job with this id, or None."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def discard(self, job: HeldJob) -> None:
+        """Forget ``job`` if it is still the entry for its id."""
+        with self._lock:
+            if self._jobs.get(job.id) is job:
+                del self._jobs[job.id]
+
+    def held(self) -> list[HeldJob]:
+        """Jobs not released, oldest first."""
+        with self._lock:
+            return [job for job in self._jobs.values() if job.released is None]
+
+    def all(self) -> list[HeldJob]:
+        """Every entry, released or not."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    def prune(self, is_finished: Callable[[HeldJob], bool]) -> list[HeldJob]:
+        """Forget the jobs for which ``is_finished`` is true and return them."""
+        with self._lock:
+            done = [job for job in self._jobs.values() if is_finished(job)]
+            for job in done:
+                del self._jobs[job.id]
+            return done
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)

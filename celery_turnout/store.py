@@ -1,0 +1,389 @@
+"""The claim store: who started which attempt of a job, and what it needs to resume.
+
+Brokers have no compare-and-set, so two carriers of the same job (a redelivered
+initiating message and a re-dispatched copy, or two takeovers) can both arrive.
+The store settles it. Whoever starts attempt ``a`` of a job first claims
+``(job, a)`` with the id of the copy it holds:
+
+- the claim is free: this copy starts attempt ``a``;
+- it holds this very copy id: an earlier holder of the same delivery died
+  before handing it over, so the copy moves on to attempt ``a + 1``;
+- it holds another copy id: this copy is a duplicate and is dropped;
+- it holds a completion mark: the job already finished.
+
+A finishing job claims its next attempt with a completion mark, so nothing can
+start it again and a late result of a superseded copy can be recognised and
+dropped. The store also keeps each job's initiating message (for a takeover),
+a cancel mark and a short history.
+
+Two implementations share these semantics: :class:`RedisStore`, atomic through
+one Lua script, and :class:`FileStore`, a directory for the embedded broker,
+atomic through a per-job file lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from celery import Celery
+
+from .errors import ImproperlyConfigured
+
+#: Prefix of a claim that marks a job finished.
+DONE = 'done:'
+
+
+class Verdict(enum.Enum):
+    """What the store decided about one copy of a job."""
+
+    START = 'start'
+    DUPLICATE = 'duplicate'
+    FINISHED = 'finished'
+    CANCELLED = 'cancelled'
+    EXHAUSTED = 'exhausted'
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The store's answer to :meth:`Store.admit`.
+
+    Attributes:
+        verdict: Whether to start the copy, and why not otherwise.
+        attempt: The attempt the copy starts as (or would have started as).
+        holder: Who holds the claim that decided it, or the cancel reason.
+    """
+
+    verdict: Verdict
+    attempt: int
+    holder: str
+
+
+class Store(ABC):
+    """Atomic claims and durable records for jobs, shared by all workers."""
+
+    def __init__(self, prefix: str, ttl: float) -> None:
+        self.prefix = prefix
+        self.ttl = max(1, int(ttl))
+
+    @abstractmethod
+    def admit(
+        self, job: str, attempt: int, copy: str, message: bytes,
+        last_attempt: int, event: Mapping[str, Any],
+    ) -> Admission:
+        """Decide whether ``copy`` of ``job`` starts, and as which attempt.
+
+        On :attr:`Verdict.START` the job's message is stored and ``event``
+        (with the attempt filled in) is added to its history, in the same
+        atomic step. An attempt beyond ``last_attempt`` is
+        :attr:`Verdict.EXHAUSTED` and claims nothing.
+        """
+
+    @abstractmethod
+    def finish(self, job: str, attempt: int, worker: str) -> bool:
+        """Mark ``job`` finished by ``attempt``; False if that attempt was superseded."""
+
+    @abstractmethod
+    def superseded(self, job: str, attempt: int) -> bool:
+        """True if a later attempt claimed ``job``, or it finished or was cancelled."""
+
+    @abstractmethod
+    def cancel(self, job: str, reason: str) -> None:
+        """Mark ``job`` cancelled; no copy of it starts from now on."""
+
+    @abstractmethod
+    def cancelled(self, job: str) -> str | None:
+        """The cancel reason of ``job``, or None."""
+
+    @abstractmethod
+    def message(self, job: str) -> bytes | None:
+        """The stored initiating message of ``job``, or None."""
+
+    @abstractmethod
+    def log(self, job: str, *events: Mapping[str, Any]) -> None:
+        """Append events to the history of ``job``."""
+
+    @abstractmethod
+    def history(self, job: str) -> list[dict[str, Any]]:
+        """The events of ``job``, oldest first."""
+
+    def close(self) -> None:
+        """Release connections or files."""
+
+
+_ADMIT = """
+local cancel = redis.call('GET', KEYS[1])
+if cancel then return {'cancelled', ARGV[2], cancel} end
+local a = tonumber(ARGV[2])
+while true do
+  local key = ARGV[1] .. a
+  local holder = redis.call('GET', key)
+  if not holder then
+    if a > tonumber(ARGV[6]) then return {'exhausted', tostring(a), ''} end
+    redis.call('SET', key, ARGV[3], 'EX', ARGV[5])
+    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+    local event = cjson.decode(ARGV[7])
+    event['attempt'] = a
+    redis.call('RPUSH', KEYS[3], cjson.encode(event))
+    redis.call('EXPIRE', KEYS[3], ARGV[5])
+    return {'start', tostring(a), ARGV[3]}
+  end
+  if holder ~= ARGV[3] then
+    if string.sub(holder, 1, 5) == 'done:' then
+      return {'finished', tostring(a), holder}
+    end
+    return {'duplicate', tostring(a), holder}
+  end
+  a = a + 1
+end
+"""
+
+
+class RedisStore(Store):
+    """Claims in Redis; every key of one job shares a hash slot."""
+
+    def __init__(self, url: str, prefix: str, ttl: float) -> None:
+        super().__init__(prefix, ttl)
+        import redis
+
+        self._client = redis.Redis.from_url(url)
+        self._admit = self._client.register_script(_ADMIT)
+
+    def _key(self, job: str, name: str) -> str:
+        return f'{self.prefix}:{{{job}}}:{name}'
+
+    def admit(
+        self, job: str, attempt: int, copy: str, message: bytes,
+        last_attempt: int, event: Mapping[str, Any],
+    ) -> Admission:
+        verdict, started, holder = self._admit(
+            keys=[self._key(job, 'cancel'), self._key(job, 'message'),
+                  self._key(job, 'history')],
+            args=[self._key(job, 'claim:'), attempt, copy, message, self.ttl,
+                  last_attempt, json.dumps(dict(event))],
+        )
+        return Admission(Verdict(_text(verdict)), int(started), _text(holder))
+
+    def finish(self, job: str, attempt: int, worker: str) -> bool:
+        key = self._key(job, f'claim:{attempt + 1}')
+        mark = f'{DONE}{worker}:{attempt}'
+        if self._client.set(key, mark, nx=True, ex=self.ttl):
+            return True
+        return _text(self._client.get(key) or b'') == mark
+
+    def superseded(self, job: str, attempt: int) -> bool:
+        keys = (self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel'))
+        return bool(self._client.exists(*keys))
+
+    def cancel(self, job: str, reason: str) -> None:
+        self._client.set(self._key(job, 'cancel'), reason or 'cancelled', ex=self.ttl)
+
+    def cancelled(self, job: str) -> str | None:
+        reason = self._client.get(self._key(job, 'cancel'))
+        return None if reason is None else _text(reason)
+
+    def message(self, job: str) -> bytes | None:
+        return self._client.get(self._key(job, 'message'))
+
+    def log(self, job: str, *events: Mapping[str, Any]) -> None:
+        key = self._key(job, 'history')
+        pipe = self._client.pipeline(transaction=False)
+        pipe.rpush(key, *(json.dumps(dict(event)) for event in events))
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def history(self, job: str) -> list[dict[str, Any]]:
+        rows = self._client.lrange(self._key(job, 'history'), 0, -1)
+        return [json.loads(row) for row in rows]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class FileStore(Store):
+    """Claims as files in a directory shared by the workers of one machine.
+
+    Each job has a folder; a ``flock`` on its lock file makes every decision
+    atomic across processes. Expiry is not enforced: the folder of a finished
+    job stays until someone removes it.
+    """
+
+    _SAFE = re.compile(r'^[A-Za-z0-9_.-]{1,100}$')
+
+    def __init__(self, root: str, prefix: str, ttl: float) -> None:
+        super().__init__(prefix, ttl)
+        self.root = os.path.join(root, prefix)
+        os.makedirs(self.root, exist_ok=True)
+
+    def _folder(self, job: str) -> str:
+        name = job if self._SAFE.match(job) and job not in ('.', '..') else (
+            'sha1-' + hashlib.sha1(job.encode()).hexdigest()
+        )
+        return os.path.join(self.root, name)
+
+    def _locked(self, job: str) -> _JobLock:
+        return _JobLock(self._folder(job))
+
+    def admit(
+        self, job: str, attempt: int, copy: str, message: bytes,
+        last_attempt: int, event: Mapping[str, Any],
+    ) -> Admission:
+        with self._locked(job) as folder:
+            reason = _read(os.path.join(folder, 'cancel'))
+            if reason is not None:
+                return Admission(Verdict.CANCELLED, attempt, reason)
+            a = attempt
+            while True:
+                holder = _read(os.path.join(folder, f'claim.{a}'))
+                if holder is None:
+                    if a > last_attempt:
+                        return Admission(Verdict.EXHAUSTED, a, '')
+                    _write(os.path.join(folder, f'claim.{a}'), copy)
+                    _write(os.path.join(folder, 'message'), message)
+                    self._append(folder, [dict(event, attempt=a)])
+                    return Admission(Verdict.START, a, copy)
+                if holder != copy:
+                    finished = holder.startswith(DONE)
+                    verdict = Verdict.FINISHED if finished else Verdict.DUPLICATE
+                    return Admission(verdict, a, holder)
+                a += 1
+
+    def finish(self, job: str, attempt: int, worker: str) -> bool:
+        mark = f'{DONE}{worker}:{attempt}'
+        with self._locked(job) as folder:
+            path = os.path.join(folder, f'claim.{attempt + 1}')
+            holder = _read(path)
+            if holder is None:
+                _write(path, mark)
+                return True
+            return holder == mark
+
+    def superseded(self, job: str, attempt: int) -> bool:
+        folder = self._folder(job)
+        return any(
+            os.path.exists(os.path.join(folder, name))
+            for name in (f'claim.{attempt + 1}', 'cancel')
+        )
+
+    def cancel(self, job: str, reason: str) -> None:
+        with self._locked(job) as folder:
+            _write(os.path.join(folder, 'cancel'), reason or 'cancelled')
+
+    def cancelled(self, job: str) -> str | None:
+        return _read(os.path.join(self._folder(job), 'cancel'))
+
+    def message(self, job: str) -> bytes | None:
+        try:
+            with open(os.path.join(self._folder(job), 'message'), 'rb') as file:
+                return file.read()
+        except FileNotFoundError:
+            return None
+
+    def log(self, job: str, *events: Mapping[str, Any]) -> None:
+        with self._locked(job) as folder:
+            self._append(folder, events)
+
+    def history(self, job: str) -> list[dict[str, Any]]:
+        try:
+            with open(os.path.join(self._folder(job), 'history')) as file:
+                return [json.loads(line) for line in file if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _append(folder: str, events: Any) -> None:
+        lines = ''.join(json.dumps(dict(event)) + '\n' for event in events)
+        with open(os.path.join(folder, 'history'), 'a') as file:
+            file.write(lines)
+
+
+class _JobLock:
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._fd = -1
+
+    def __enter__(self) -> str:
+        os.makedirs(self.folder, exist_ok=True)
+        self._fd = os.open(os.path.join(self.folder, '.lock'), os.O_CREAT | os.O_RDWR)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self.folder
+
+    def __exit__(self, *exc_info: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: str, data: str | bytes) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
+    with os.fdopen(fd, 'wb') as file:
+        file.write(raw)
+    os.replace(tmp, path)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def open_store(url: str, prefix: str, ttl: float) -> Store:
+    """Open the store at ``url`` (``redis://``, ``rediss://`` or ``file://``).
+
+    Raises:
+        ImproperlyConfigured: the URL names no store this package has.
+    """
+    scheme = urlparse(url).scheme
+    if scheme in ('redis', 'rediss', 'unix'):
+        return RedisStore(url, prefix, ttl)
+    if scheme == 'file':
+        path = unquote(urlparse(url).path)
+        if not path:
+            raise ImproperlyConfigured(f'turnout_store_url {url!r} names no directory.')
+        return FileStore(path, prefix, ttl)
+    raise ImproperlyConfigured(
+        f'turnout_store_url {url!r} is neither a redis:// URL nor a file:// directory.'
+    )
+
+
+_stores: weakref.WeakKeyDictionary[Celery, tuple[int, Store]] = (
+    weakref.WeakKeyDictionary()
+)
+_stores_lock = threading.Lock()
+
+
+def store_for(app: Celery) -> Store:
+    """The store of ``app`` in this process, opened on first use.
+
+    A forked pool child opens its own: connections do not survive a fork.
+    """
+    from .settings import Settings
+
+    pid = os.getpid()
+    with _stores_lock:
+        cached = _stores.get(app)
+        if cached is not None and cached[0] == pid:
+            return cached[1]
+        settings = Settings.from_app(app)
+        store = open_store(settings.store_url, settings.queue_prefix, settings.record_ttl)
+        _stores[app] = (pid, store)
+        return store
+

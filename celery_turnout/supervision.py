@@ -1,0 +1,723 @@
+"""The supervise/monitor protocol, run by one thread per worker.
+
+Owner side, once per interval at a fixed cadence while the worker holds jobs:
+
+1. read the control queue and obey fence notices (stop the named copies);
+2. publish a supervise message into lane ``tick % 2``;
+3. publish a monitor message naming every held job, due one interval plus
+   the grace from now, to the shared monitor queue;
+4. purge the other lane, which holds the previous tick's supervise message;
+5. acknowledge the initiating messages of jobs this tick covered first.
+
+Checker side, on every worker (the owner included): hold each monitor message
+unacknowledged until it is due, then count the messages in the lane it names.
+A live owner purged that lane one tick later, so a message still there means
+the owner stopped reading it: send the owner a fence notice, re-dispatch each
+job as its next attempt, then acknowledge the monitor message.
+
+The order matters. The evidence of the owner's death (a supervise message in a
+lane and a monitor message pointing at it) exists before the previous evidence
+is removed and before the job's own message is acknowledged, so there is no
+moment at which the owner can die unseen. Duplicates that the broker cannot
+rule out (a redelivered initiating message and a takeover, two takeovers of the
+same job) are settled by the start claims of :mod:`celery_turnout.store`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from celery.worker import state as worker_state
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.message import Message
+
+from .errors import MalformedMessage
+from .ledger import HeldJob, Ledger
+from .messages import (
+    ATTEMPT_HEADER,
+    COPY_HEADER,
+    Fence,
+    Monitor,
+    StoredMessage,
+    supervise_body,
+)
+from .settings import Settings
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+#: Header naming why a copy was re-dispatched.
+REASON_HEADER = 'turnout_reason'
+
+#: Seconds between reconnection attempts of the supervision thread.
+RECONNECT_DELAY = 1.0
+#: Longest the supervision thread sleeps before it looks at its work again.
+MAX_WAIT = 0.25
+#: Seconds an owner waits before it bounces the same monitor message again.
+BOUNCE_PAUSE = 0.2
+
+
+@dataclass(order=True)
+class _Pending:
+    """A monitor message held until it comes due."""
+
+    due: float
+    seq: int
+    monitor: Monitor = field(compare=False)
+    message: Message = field(compare=False)
+
+
+class _Session:
+    """The channels and queues of one broker connection."""
+
+    def __init__(self, connection: Connection, supervisor: Supervisor) -> None:
+        settings = supervisor.settings
+        self.connection = connection
+        self.channel = connection.channel()
+        self.consume_channel = connection.channel()
+        self._probe: Any = None
+        self.producer = Producer(self.channel, serializer=supervisor.serializer)
+        expires = int(settings.queue_expires * 1000)
+        self.lanes = tuple(
+            _worker_queue(name, expires) for name in supervisor.names.lanes
+        )
+        self.control = _worker_queue(supervisor.names.control, expires)
+        self.monitor = Queue(
+            supervisor.names.monitor, Exchange(''), routing_key=supervisor.names.monitor,
+            durable=True, auto_delete=False,
+            queue_arguments={'x-expires': int(settings.monitor_queue_expires * 1000)},
+        )
+        self.declared_at = 0.0
+
+    def declare(self) -> None:
+        """Declare (or refresh the expiry of) this worker's queues."""
+        for q in (*self.lanes, self.control, self.monitor):
+            q.bind(self.channel).declare()
+        self.declared_at = time.monotonic()
+
+    def publish(self, body: dict[str, Any], queue_name: str) -> None:
+        """Publish a persistent turnout message straight into a queue."""
+        self.producer.publish(
+            body, exchange='', routing_key=queue_name, delivery_mode=2,
+        )
+
+    def purge(self, lane: Queue) -> None:
+        lane.bind(self.channel).purge()
+
+    def count(self, queue_name: str) -> int:
+        """Ready messages in a queue; 0 when the broker says it does not exist.
+
+        RabbitMQ closes the channel of a failed passive declare, so probes use
+        a channel of their own. Redis reports an empty list as missing.
+        """
+        if self._probe is None:
+            self._probe = self.connection.channel()
+        try:
+            _, count, _ = self._probe.queue_declare(queue=queue_name, passive=True)
+        except self.connection.channel_errors:
+            self._close_probe()
+            return 0
+        return int(count)
+
+    def peek_tick(self, queue_name: str, accept: list[str]) -> int | None:
+        """The tick number of the first supervise message in a lane, left in place."""
+        q = Queue(queue_name, Exchange(''), routing_key=queue_name, no_declare=True)
+        try:
+            message = q.bind(self.channel).get(no_ack=False, accept=accept)
+        except self.connection.channel_errors:
+            return None
+        if message is None:
+            return None
+        try:
+            tick = message.decode().get('tick')
+        except Exception:  # a foreign message in a lane proves nothing
+            tick = None
+        message.requeue()
+        return tick if isinstance(tick, int) else None
+
+    def _close_probe(self) -> None:
+        try:
+            self._probe.close()
+        except Exception:  # already closed by the broker
+            pass
+        self._probe = None
+
+
+def _worker_queue(name: str, expires_ms: int) -> Queue:
+    # Durable with an expiry: RabbitMQ 4 refuses transient shared queues, and
+    # the queues of a dead worker incarnation disappear by themselves.
+    return Queue(
+        name, Exchange(''), routing_key=name, durable=True, auto_delete=False,
+        queue_arguments={'x-expires': expires_ms},
+    )
+
+
+@dataclass(frozen=True)
+class QueueNames:
+    """The names of the queues one worker incarnation uses."""
+
+    prefix: str
+    worker_id: str
+
+    @property
+    def lanes(self) -> tuple[str, str]:
+        base = f'{self.prefix}.supervise.{self.worker_id}'
+        return (f'{base}.0', f'{base}.1')
+
+    @property
+    def control(self) -> str:
+        return f'{self.prefix}.control.{self.worker_id}'
+
+    @property
+    def monitor(self) -> str:
+        return f'{self.prefix}.monitor'
+
+
+class Supervisor:
+    """Supervises this worker's jobs and monitors every other worker's.
+
+    The worker's main thread calls the methods documented as main-thread
+    methods; everything that talks to the broker runs on a thread of its own
+    with its own connection, so a busy pool or a blocked event loop cannot
+    delay a tick or a check.
+    """
+
+    def __init__(
+        self, app: Celery, hostname: str, settings: Settings, store: Store,
+        pool: Any = None,
+    ) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.worker_id = f'{hostname}.{uuid.uuid4().hex[:8]}'
+        self.names = QueueNames(settings.queue_prefix, self.worker_id)
+        self.ledger = Ledger()
+        self.serializer = app.conf.task_serializer
+        self.accept = list(app.conf.accept_content or [self.serializer])
+        #: When the last tick proved this worker alive (epoch seconds).
+        self.proven_at: float | None = None
+
+        self._calls: deque[Callable[[], None]] = deque()
+        self._commands: queue.SimpleQueue[Callable[[_Session], None]] = (
+            queue.SimpleQueue()
+        )
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending: list[_Pending] = []
+        self._seq = itertools.count()
+        self._tick_no = 0
+        self._last_lane: Queue | None = None
+        self._origin = time.monotonic()
+        self._next_tick = self._origin + settings.supervise_interval
+        self._checks_from = 0.0
+        self._holds_own_monitors = False
+        self._bounced: dict[int, float] = {}
+        self._rebounces: list[tuple[float, Monitor, Message]] = []
+        self._republish: Callable[[dict[str, Any]], None] = lambda body: None
+
+    # -- the worker's main thread -------------------------------------------
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker's main thread (thread-safe)."""
+        self._calls.append(fn)
+
+    def run_pending_calls(self) -> None:
+        """Run what other threads queued with :meth:`call_soon`. Main thread."""
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                logger.exception('Turnout: a main-thread step failed: %r', fn)
+
+    def stop_copy(self, job: HeldJob) -> None:
+        """Stop this worker's copy of a released job. Main thread.
+
+        A copy still waiting for a pool process is stopped when a process
+        accepts it (see :meth:`on_accepted`).
+        """
+        request = job.request
+        if request is None:
+            return
+        pid = getattr(request, 'worker_pid', None)
+        if pid:
+            self._kill(job, pid)
+        if not request.acknowledged:
+            request.acknowledge()
+
+    def on_accepted(self, job: HeldJob, pid: int) -> None:
+        """A pool process began running ``job``. Main thread."""
+        job.started = time.time()
+        job.seen = True
+        if job.released is not None:
+            self._kill(job, pid)
+
+    def _kill(self, job: HeldJob, pid: int) -> None:
+        try:
+            self.pool.terminate_job(pid, signal.SIGKILL)
+        except NotImplementedError:
+            logger.warning(
+                'Job %s attempt %d was %s, but the %s pool cannot stop a running '
+                'job: this copy runs on until it calls raise_if_superseded() or '
+                'finishes, and its result will be dropped.',
+                job.id, job.attempt, job.released, type(self.pool).__name__,
+            )
+        else:
+            logger.info(
+                'Stopped this worker\'s copy of job %s attempt %d (pool process '
+                '%d): it was %s.', job.id, job.attempt, pid, job.released,
+            )
+
+    def release(self, job: HeldJob, reason: str, **detail: Any) -> None:
+        """Give ``job`` up: no tick names it again and its copy is stopped."""
+        if job.released is not None:
+            return
+        job.released = reason
+        self.store.log(job.id, self._event(reason, job.attempt, **detail))
+        self.call_soon(lambda: self.stop_copy(job))
+
+    def release_uncovered(self) -> None:
+        """Release jobs whose initiating message is not yet acknowledged. Main thread.
+
+        Called when the worker's task connection is lost: the broker gives
+        those messages to another worker, which starts them as the next
+        attempt, so this worker's copies must stop.
+        """
+        for job in self.ledger.held():
+            if not job.covered:
+                logger.warning(
+                    'Job %s attempt %d was not yet covered by a supervise tick when '
+                    'the task connection was lost; the broker will redeliver it, so '
+                    'this worker stops its copy.', job.id, job.attempt,
+                )
+                job.released = 'requeued'
+                self.stop_copy(job)
+
+    def hand_off(self, timeout: float) -> None:
+        """Stop every held job and re-dispatch it at once. Main thread.
+
+        Used on a warm shutdown, so that peers need not wait for the detection
+        bound. Copies are stopped first, then re-dispatched; only then are both
+        lanes purged. A worker killed half way leaves its lanes as they were,
+        and the monitor messages already out take over whatever it had not
+        handed off yet.
+        """
+        jobs = self.ledger.held()
+        for job in jobs:
+            job.released = 'handed_off'
+            self.stop_copy(job)
+        done = threading.Event()
+
+        def command(session: _Session) -> None:
+            for job in jobs:
+                self._redispatch(session, job.id, job.attempt, 'handed_off',
+                                 f'worker {self.hostname} shut down')
+            for lane in session.lanes:
+                session.purge(lane)
+            self._last_lane = None
+            done.set()
+
+        if jobs:
+            logger.warning(
+                'Worker %s is shutting down: handing off %d turnout job(s) %s '
+                'to other workers now.', self.hostname, len(jobs),
+                ', '.join(job.id for job in jobs),
+            )
+            self._commands.put(command)
+            if not done.wait(timeout):
+                logger.error(
+                    'Worker %s could not hand off its jobs within %.0f s; the '
+                    'monitor messages already sent will re-dispatch them once '
+                    'peers see this worker gone.', self.hostname, timeout,
+                )
+        self.stop()
+
+    def redispatch_later(
+        self, job: HeldJob, reason: str, then: Callable[[], None],
+    ) -> None:
+        """Re-dispatch ``job`` as its next attempt, then run ``then`` on the main thread.
+
+        The job stays held (and so supervised) until the copy is published.
+        """
+        def command(session: _Session) -> None:
+            self._redispatch(session, job.id, job.attempt, 'child_lost', reason)
+            self.call_soon(then)
+
+        self._commands.put(command)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the supervision thread (once)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(
+            target=self._run, name='turnout-supervisor', daemon=True,
+        )
+        self._thread.start()
+        logger.info(
+            'Turnout supervision started for worker %s: supervise lanes %s, '
+            'interval %.3g s, a dead worker is detected within %.3g s.',
+            self.worker_id, ' and '.join(self.names.lanes),
+            self.settings.supervise_interval, self.settings.detection_bound,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the supervision thread and wait for it."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- the supervision thread ----------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            connection = self._connect()
+            try:
+                connection.ensure_connection(max_retries=1)
+                self._serve(connection)
+            except Exception as exc:
+                if self._stopping.is_set():
+                    break
+                if isinstance(exc, tuple(connection.recoverable_connection_errors)
+                              + tuple(connection.connection_errors)
+                              + (socket.error,)):
+                    logger.warning(
+                        'Turnout supervision of worker %s lost the broker (%r); '
+                        'reconnecting in %.0f s. Held jobs keep running.',
+                        self.worker_id, exc, RECONNECT_DELAY,
+                    )
+                else:
+                    logger.exception(
+                        'Turnout supervision of worker %s failed; restarting it '
+                        'in %.0f s. Held jobs keep running.',
+                        self.worker_id, RECONNECT_DELAY,
+                    )
+                self._stopping.wait(RECONNECT_DELAY)
+            finally:
+                self._pending.clear()
+                connection.release()
+
+    def _connect(self) -> Connection:
+        options: dict[str, Any] = {}
+        driver = self.app.connection_for_write().transport.driver_type
+        if driver == 'redis':
+            # Held monitor messages of a dead checker come back after this,
+            # and turnout's unacked index stays apart from Celery's.
+            prefix = self.settings.queue_prefix
+            options = {
+                'visibility_timeout': math.ceil(3 * self.settings.detection_bound) + 5,
+                'unacked_key': f'{prefix}.unacked',
+                'unacked_index_key': f'{prefix}.unacked_index',
+                'unacked_mutex_key': f'{prefix}.unacked_mutex',
+                'unacked_restore_throttle': 2,
+            }
+        elif driver == 'filesystem':
+            options = {'polling_interval': 0.1}
+        return self.app.connection_for_write(transport_options=options)
+
+    def _serve(self, connection: Connection) -> None:
+        session = _Session(connection, self)
+        session.declare()
+        # RabbitMQ returns a dead consumer's unacknowledged messages at once.
+        self._holds_own_monitors = connection.transport.driver_type == 'amqp'
+        self._republish = lambda body: session.publish(body, session.monitor.name)
+        self._rebounces.clear()
+        # Peers that were cut off with us need a tick to prove themselves.
+        self._checks_from = time.time() + self.settings.detection_bound
+        consumer = Consumer(
+            session.consume_channel, [session.monitor], accept=self.accept,
+            callbacks=[self._on_monitor], on_decode_error=self._on_undecodable,
+            prefetch_count=self.settings.monitor_prefetch,
+        )
+        with consumer:
+            while not self._stopping.is_set():
+                self._run_commands(session)
+                if time.monotonic() >= self._next_tick:
+                    self._tick(session)
+                    self._schedule_tick()
+                self._check_due(session)
+                self._run_rebounces()
+                try:
+                    connection.drain_events(timeout=self._wait_time())
+                except TimeoutError:
+                    pass
+
+    def _run_commands(self, session: _Session) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command(session)
+
+    def _schedule_tick(self) -> None:
+        interval = self.settings.supervise_interval
+        periods = math.floor((time.monotonic() - self._origin) / interval) + 1
+        self._next_tick = self._origin + periods * interval
+
+    def _wait_time(self) -> float:
+        wait = self._next_tick - time.monotonic()
+        if self._pending:
+            wait = min(wait, max(self._pending[0].due, self._checks_from) - time.time())
+        return max(0.0, min(wait, MAX_WAIT))
+
+    # owner side
+
+    def _tick(self, session: _Session) -> None:
+        self._prune_finished()
+        self._bounced = {
+            tick: when for tick, when in self._bounced.items()
+            if tick >= self._tick_no - 4
+        }
+        self._read_fences(session)
+        jobs = self.ledger.held()
+        if time.monotonic() - session.declared_at > self.settings.queue_expires / 4:
+            session.declare()
+        if not jobs:
+            if self._last_lane is not None:
+                session.purge(self._last_lane)
+                self._last_lane = None
+            return
+
+        tick = self._tick_no
+        self._tick_no += 1
+        lane, previous = session.lanes[tick % 2], session.lanes[(tick + 1) % 2]
+        now = time.time()
+        session.publish(supervise_body(self.worker_id, tick), lane.name)
+        monitor = Monitor(
+            owner=self.worker_id, lane=lane.name, control=session.control.name,
+            tick=tick, due=now + self.settings.detection_bound,
+            jobs=tuple((job.id, job.attempt) for job in jobs),
+        )
+        session.publish(monitor.to_body(), session.monitor.name)
+        session.purge(previous)
+        self._last_lane = lane
+        self.proven_at = now
+
+        fresh = [job for job in jobs if not job.covered]
+        for job in fresh:
+            job.covered = True
+            self.store.log(job.id, self._event('covered', job.attempt, tick=tick))
+            logger.info(
+                'Job %s attempt %d is covered by supervise tick %d of worker %s; '
+                'its message is acknowledged and a dead worker is now detected '
+                'within %.3g s.', job.id, job.attempt, tick, self.worker_id,
+                self.settings.detection_bound,
+            )
+        if fresh:
+            self.call_soon(lambda: _acknowledge(fresh))
+
+    def _prune_finished(self) -> None:
+        def finished(job: HeldJob) -> bool:
+            request = job.request
+            if request is None or not job.seen:
+                return False
+            return not (
+                request in worker_state.reserved_requests
+                or request in worker_state.active_requests
+                or request in worker_state.scheduled_requests
+            )
+
+        self.ledger.prune(finished)
+
+    def _read_fences(self, session: _Session) -> None:
+        control = session.control.bind(session.channel)
+        while True:
+            message = control.get(no_ack=False, accept=self.accept)
+            if message is None:
+                return
+            try:
+                fence = Fence.from_body(message.decode())
+            except Exception as exc:
+                logger.error(
+                    'Dropping a malformed message from control queue %s: %s.',
+                    session.control.name, exc,
+                )
+            else:
+                self._obey(fence)
+            message.ack()
+
+    def _obey(self, fence: Fence) -> None:
+        for job_id, attempt in fence.jobs:
+            job = self.ledger.get(job_id)
+            if job is None or job.released is not None or job.attempt > attempt:
+                continue
+            logger.warning(
+                'Job %s attempt %d was taken over by %s (%s): this worker was '
+                'presumed dead, so it stops its copy now.',
+                job_id, job.attempt, fence.by, fence.reason,
+            )
+            self.release(job, 'fenced', by=fence.by)
+
+    # checker side
+
+    def _on_monitor(self, body: Any, message: Message) -> None:
+        try:
+            monitor = Monitor.from_body(body)
+        except MalformedMessage as exc:
+            logger.error(
+                'Dropping a malformed message from monitor queue %s: %s.',
+                self.names.monitor, exc,
+            )
+            message.ack()
+            return
+        if monitor.owner == self.worker_id and not self._holds_own_monitors:
+            self._bounce(monitor, message)
+            return
+        heapq.heappush(
+            self._pending, _Pending(monitor.due, next(self._seq), monitor, message),
+        )
+
+    def _bounce(self, monitor: Monitor, message: Message) -> None:
+        # On Redis and the filesystem transport a message held by a process
+        # that dies is not returned at once, so an owner must not hold its own
+        # monitor messages: it puts them back for a peer. When it is alone and
+        # keeps getting them back, it waits a little before each bounce.
+        now = time.monotonic()
+        last = self._bounced.get(monitor.tick)
+        if last is not None and now - last < BOUNCE_PAUSE:
+            self._rebounces.append((last + BOUNCE_PAUSE, monitor, message))
+            return
+        self._bounced[monitor.tick] = now
+        self._republish(monitor.to_body())
+        message.ack()
+
+    def _on_undecodable(self, message: Message, exc: Exception) -> None:
+        logger.error(
+            'Dropping a message on monitor queue %s that cannot be decoded '
+            '(content type %r): %r.', self.names.monitor, message.content_type, exc,
+        )
+        message.ack()
+
+    def _run_rebounces(self) -> None:
+        now = time.monotonic()
+        due = [item for item in self._rebounces if item[0] <= now]
+        if not due:
+            return
+        self._rebounces = [item for item in self._rebounces if item[0] > now]
+        for _, monitor, message in due:
+            self._bounced[monitor.tick] = now
+            self._republish(monitor.to_body())
+            message.ack()
+
+    def _check_due(self, session: _Session) -> None:
+        now = time.time()
+        if now < self._checks_from:
+            return
+        while self._pending and self._pending[0].due <= now:
+            pending = heapq.heappop(self._pending)
+            if self._owner_is_gone(session, pending.monitor, now):
+                self._take_over(session, pending.monitor)
+            pending.message.ack()
+
+    def _owner_is_gone(self, session: _Session, monitor: Monitor, now: float) -> bool:
+        settings = self.settings
+        # The owner puts its next supervise message into the same lane one
+        # interval after the check was due; a check that late must look at
+        # which tick the message in the lane comes from.
+        stale_after = monitor.due + 0.8 * (settings.supervise_interval - settings.grace)
+        if now < stale_after:
+            return session.count(monitor.lane) > 0
+        tick = session.peek_tick(monitor.lane, self.accept)
+        logger.info(
+            'Checked monitor message of %s tick %d %.1f s late; the lane holds '
+            'tick %s.', monitor.owner, monitor.tick, now - monitor.due, tick,
+        )
+        return tick is not None and tick <= monitor.tick
+
+    def _take_over(self, session: _Session, monitor: Monitor) -> None:
+        reason = (
+            f'worker {monitor.owner} left supervise tick {monitor.tick} unread '
+            f'past its due time'
+        )
+        fence = Fence(
+            owner=monitor.owner, by=self.worker_id, reason=reason, jobs=monitor.jobs,
+        )
+        session.publish(fence.to_body(), monitor.control)
+        logger.warning(
+            'Worker %s stopped reading its supervise lane (tick %d was due %.1f s '
+            'ago); worker %s takes over its %d job(s): %s.',
+            monitor.owner, monitor.tick, time.time() - monitor.due, self.worker_id,
+            len(monitor.jobs), ', '.join(f'{j} attempt {a}' for j, a in monitor.jobs),
+        )
+        for job_id, attempt in monitor.jobs:
+            self._redispatch(session, job_id, attempt, 'taken_over', reason)
+
+    def _redispatch(
+        self, session: _Session, job_id: str, attempt: int, event: str, reason: str,
+    ) -> None:
+        if self.store.superseded(job_id, attempt):
+            logger.info(
+                'Job %s attempt %d is already finished, cancelled or superseded; '
+                'nothing to re-dispatch.', job_id, attempt,
+            )
+            return
+        raw = self.store.message(job_id)
+        if raw is None:
+            logger.error(
+                'Cannot re-dispatch job %s attempt %d: its message is no longer in '
+                'the turnout store (turnout_record_ttl passed?). The job is lost.',
+                job_id, attempt,
+            )
+            return
+        stored = StoredMessage.loads(raw)
+        headers = dict(stored.headers)
+        headers.update({
+            ATTEMPT_HEADER: attempt + 1, COPY_HEADER: uuid.uuid4().hex,
+            REASON_HEADER: reason,
+        })
+        session.producer.publish(
+            stored.body, exchange=stored.exchange, routing_key=stored.routing_key,
+            headers=headers, content_type=stored.content_type,
+            content_encoding=stored.content_encoding, **stored.properties,
+        )
+        self.store.log(job_id, self._event(event, attempt + 1, reason=reason))
+        logger.warning(
+            'Re-dispatched job %s (%s) as attempt %d to %r: %s.',
+            job_id, stored.task, attempt + 1, stored.routing_key, reason,
+        )
+
+    def _event(self, name: str, attempt: int, **detail: Any) -> dict[str, Any]:
+        return {'event': name, 'attempt': attempt, 'worker': self.hostname,
+                'at': time.time(), **detail}
+
+
+_supervisors: weakref.WeakKeyDictionary[Celery, Supervisor] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def supervisor_of(app: Celery) -> Supervisor | None:
+    """The supervisor running for ``app`` in this worker process, if any."""
+    return _supervisors.get(app)
+
+
+def register(supervisor: Supervisor) -> None:
+    """Make ``supervisor`` the one :func:`supervisor_of` returns for its app."""
+    _supervisors[supervisor.app] = supervisor
+
+
+def _acknowledge(jobs: Iterable[HeldJob]) -> None:
+    for job in jobs:
+        request = job.request
+        if request is not None and not request.acknowledged:
+            request.acknowledge()

@@ -1,0 +1,190 @@
+"""The task class of supervised jobs, and the decorator that makes one."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task, bootsteps
+from celery.exceptions import Ignore, Reject, Retry
+from celery.signals import worker_process_init
+from celery.states import STARTED
+
+from .errors import JobSuperseded
+from .messages import ATTEMPT_HEADER, COPY_HEADER
+from .store import store_for
+
+logger = logging.getLogger(__name__)
+
+
+class TurnoutTask(Task):
+    """A Celery task whose runs are supervised, long-running jobs.
+
+    The worker acknowledges a job's message within about one supervise
+    interval and from then on protects the job by supervision: if the worker
+    dies, another worker runs the job again under the same id as its next
+    attempt. Use it as ``@app.task(base=TurnoutTask)`` or through
+    :func:`turnout_task`.
+
+    Inside a job, :attr:`attempt` is the attempt number; code with side
+    effects outside Celery can use ``(self.request.id, self.attempt)`` as a
+    fencing token, and long loops can call :meth:`raise_if_superseded`.
+    """
+
+    Request = 'celery_turnout.intake:TurnoutRequest'
+    Strategy = 'celery_turnout.intake:supervised'
+
+    # The job's message stays unacknowledged until the first supervise tick
+    # covers the job; turnout acknowledges it then. A lost pool process is
+    # handled by turnout, not by Celery's requeue.
+    acks_late = True
+    acks_on_failure_or_timeout = True
+    reject_on_worker_lost = False
+
+    #: Takeovers allowed before the job fails; None uses turnout_max_takeovers.
+    max_takeovers: int | None = None
+    #: The longest supervise interval this task accepts, in seconds; the worker
+    #: supervises at the shortest interval any of its turnout tasks asks for.
+    #: None uses turnout_supervise_interval.
+    supervise_interval: float | None = None
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        """Install the supervision bootstep when the task joins an app."""
+        super().on_bound(app)
+        install(app)
+
+    @property
+    def attempt(self) -> int:
+        """The attempt of the running job: 1 on its first run."""
+        return int(getattr(self.request, ATTEMPT_HEADER, None) or 1)
+
+    @property
+    def superseded(self) -> bool:
+        """True when a newer attempt took this job over, or it was cancelled."""
+        if getattr(self.request, ATTEMPT_HEADER, None) is None:
+            return False
+        return store_for(self.app).superseded(self.request.id, self.attempt)
+
+    def raise_if_superseded(self) -> None:
+        """Stop this copy if another worker took the job over.
+
+        Raises:
+            JobSuperseded: this attempt was taken over or cancelled; the
+                exception ends the copy and its result is not stored.
+        """
+        if self.superseded:
+            raise JobSuperseded(
+                f'job {self.request.id} attempt {self.attempt} was taken over '
+                'or cancelled'
+            )
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+        producer: Any = None, link: Any = None, link_error: Any = None,
+        shadow: str | None = None, **options: Any,
+    ) -> Any:
+        """Send the job, marking the message as a fresh copy of its attempt."""
+        headers = dict(options.pop('headers', None) or {})
+        request = self.request
+        retrying = (
+            task_id is not None and not request.called_directly
+            and request.id == task_id
+        )
+        # Task.retry() sends the running job again under its own id: that send
+        # is the job's next attempt, not a duplicate of this one.
+        headers[ATTEMPT_HEADER] = self.attempt + 1 if retrying else 1
+        headers[COPY_HEADER] = uuid.uuid4().hex
+        return super().apply_async(
+            args, kwargs, task_id, producer, link, link_error, shadow,
+            headers=headers, **options,
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        attempt = getattr(self.request, ATTEMPT_HEADER, None)
+        if attempt is None or self.request.called_directly:
+            return super().__call__(*args, **kwargs)
+        job_id, worker = self.request.id, self.request.hostname
+        store = store_for(self.app)
+        if store.superseded(job_id, attempt):
+            logger.warning(
+                'Not running job %s attempt %d on %s: it was taken over or '
+                'cancelled before a pool process got to it.', job_id, attempt, worker,
+            )
+            raise Ignore()
+
+        if not self.request.ignore_result:
+            self.update_state(state=STARTED, meta={
+                'attempt': attempt, 'worker': worker, 'pid': os.getpid(),
+            })
+        try:
+            result = super().__call__(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except BaseException:
+            if not self._finish(store, job_id, attempt, worker):
+                raise Ignore()
+            raise
+        if not self._finish(store, job_id, attempt, worker):
+            raise Ignore()
+        return result
+
+    def _finish(self, store: Any, job_id: str, attempt: int, worker: str) -> bool:
+        if store.finish(job_id, attempt, worker):
+            store.log(job_id, {'event': 'finished', 'attempt': attempt,
+                               'worker': worker, 'at': time.time()})
+            logger.info('Job %s attempt %d finished on %s.', job_id, attempt, worker)
+            return True
+        logger.warning(
+            'Job %s attempt %d ended on %s after a newer attempt took it over or '
+            'it was cancelled; this copy\'s outcome is dropped so that it cannot '
+            'overwrite the newer one.', job_id, attempt, worker,
+        )
+        return False
+
+
+def turnout_task(app: Celery, *args: Any, **options: Any) -> Callable[..., Any]:
+    """Declare a supervised job, like ``@app.task`` with base :class:`TurnoutTask`.
+
+    Takes every option ``app.task`` takes, plus ``max_takeovers`` and
+    ``supervise_interval``::
+
+        @turnout_task(app, bind=True, max_takeovers=2)
+        def rebuild_index(self, shard):
+            ...
+    """
+    options.setdefault('base', TurnoutTask)
+    install(app)
+    return app.task(*args, **options)  # type: ignore[no-any-return]
+
+
+def install(app: Celery) -> None:
+    """Add turnout's bootstep to ``app``'s worker consumer (once)."""
+    from .bootstep import Supervision
+
+    steps: set[type[bootsteps.Step]] = app.steps['consumer']
+    if Supervision not in steps:
+        steps.add(Supervision)
+
+
+@worker_process_init.connect(weak=False)
+def _die_with_the_worker(**_: Any) -> None:
+    # A pool process whose main process was killed (OOM killer, SIGKILL) would
+    # otherwise run its job on as an orphan that no one can fence.
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os._exit(1)
