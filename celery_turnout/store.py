@@ -119,7 +119,31 @@ class Store(ABC):
     def history(self, job: str) -> list[dict[str, Any]]:
         """The events of ``job``, oldest first."""
 
-    def close(self) -> None:
+    # The monitor board holds monitor messages until they come due, for brokers
+    # that return a dead consumer's unacknowledged messages only much later
+    # (Redis) or never (the filesystem transport). A claimed check is leased:
+    # if its checker dies, it comes due again when the lease ends.
+
+    @abstractmethod
+    def post_check(self, due: float, body: str) -> None:
+        """Put a monitor message on the board, due at ``due`` (epoch seconds)."""
+
+    @abstractmethod
+    def claim_checks(
+        self, now: float, lease: float, limit: int,
+    ) -> tuple[list[tuple[str, str]], float | None]:
+        """Lease the checks due by ``now`` to the caller for ``lease`` seconds.
+
+        Returns:
+            The claimed checks as ``(token, body)`` pairs, and the time the
+            next check on the board comes due (None when the board is empty).
+        """
+
+    @abstractmethod
+    def complete_check(self, token: str) -> None:
+        """Remove a claimed check from the board."""
+
+    def close(self) -> None:  # noqa: B027  (optional for implementations)
         """Release connections or files."""
 
 
@@ -151,6 +175,16 @@ end
 """
 
 
+_CLAIM_CHECKS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, item in ipairs(due) do
+  redis.call('ZADD', KEYS[1], ARGV[2], item)
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {due, head[2] or false}
+"""
+
+
 class RedisStore(Store):
     """Claims in Redis; every key of one job shares a hash slot."""
 
@@ -160,6 +194,8 @@ class RedisStore(Store):
 
         self._client = redis.Redis.from_url(url)
         self._admit = self._client.register_script(_ADMIT)
+        self._claim_checks = self._client.register_script(_CLAIM_CHECKS)
+        self._board = f'{prefix}:monitor-board'
 
     def _key(self, job: str, name: str) -> str:
         return f'{self.prefix}:{{{job}}}:{name}'
@@ -207,6 +243,21 @@ class RedisStore(Store):
     def history(self, job: str) -> list[dict[str, Any]]:
         rows = self._client.lrange(self._key(job, 'history'), 0, -1)
         return [json.loads(row) for row in rows]
+
+    def post_check(self, due: float, body: str) -> None:
+        self._client.zadd(self._board, {body: due})
+
+    def claim_checks(
+        self, now: float, lease: float, limit: int,
+    ) -> tuple[list[tuple[str, str]], float | None]:
+        due, head = self._claim_checks(
+            keys=[self._board], args=[now, now + lease, limit],
+        )
+        checks = [(_text(item), _text(item)) for item in due]
+        return checks, None if head is None else float(head)
+
+    def complete_check(self, token: str) -> None:
+        self._client.zrem(self._board, token)
 
     def close(self) -> None:
         self._client.close()
@@ -302,6 +353,49 @@ class FileStore(Store):
         except FileNotFoundError:
             return []
 
+    def post_check(self, due: float, body: str) -> None:
+        os.makedirs(self._board, exist_ok=True)
+        _write(os.path.join(self._board, _board_name(due)), body)
+
+    def claim_checks(
+        self, now: float, lease: float, limit: int,
+    ) -> tuple[list[tuple[str, str]], float | None]:
+        try:
+            names = sorted(os.listdir(self._board))
+        except FileNotFoundError:
+            return [], None
+        checks: list[tuple[str, str]] = []
+        upcoming: float | None = None
+        for name in names:
+            due = _board_due(name)
+            if due is None:
+                continue
+            if due > now or len(checks) >= limit:
+                upcoming = due if upcoming is None else min(upcoming, due)
+                continue
+            leased = _board_name(now + lease)
+            try:
+                # Only one claimant's rename of the same file succeeds.
+                os.rename(os.path.join(self._board, name),
+                          os.path.join(self._board, leased))
+            except FileNotFoundError:
+                continue
+            body = _read(os.path.join(self._board, leased))
+            if body is not None:
+                checks.append((leased, body))
+            upcoming = now + lease if upcoming is None else min(upcoming, now + lease)
+        return checks, upcoming
+
+    def complete_check(self, token: str) -> None:
+        try:
+            os.remove(os.path.join(self._board, token))
+        except FileNotFoundError:
+            pass
+
+    @property
+    def _board(self) -> str:
+        return os.path.join(self.root, '.monitor-board')
+
     @staticmethod
     def _append(folder: str, events: Any) -> None:
         lines = ''.join(json.dumps(dict(event)) + '\n' for event in events)
@@ -339,6 +433,17 @@ def _write(path: str, data: str | bytes) -> None:
     with os.fdopen(fd, 'wb') as file:
         file.write(raw)
     os.replace(tmp, path)
+
+
+def _board_name(due: float) -> str:
+    return f'{due:020.6f}_{os.urandom(8).hex()}'
+
+
+def _board_due(name: str) -> float | None:
+    try:
+        return float(name.partition('_')[0])
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:

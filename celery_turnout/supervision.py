@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import math
 import queue
@@ -68,8 +69,8 @@ REASON_HEADER = 'turnout_reason'
 RECONNECT_DELAY = 1.0
 #: Longest the supervision thread sleeps before it looks at its work again.
 MAX_WAIT = 0.25
-#: Seconds an owner waits before it bounces the same monitor message again.
-BOUNCE_PAUSE = 0.2
+#: Most monitor checks one worker claims from the board at a time.
+CLAIM_LIMIT = 100
 
 
 @dataclass(order=True)
@@ -104,9 +105,10 @@ class _Session:
         )
         self.declared_at = 0.0
 
-    def declare(self) -> None:
+    def declare(self, monitor: bool) -> None:
         """Declare (or refresh the expiry of) this worker's queues."""
-        for q in (*self.lanes, self.control, self.monitor):
+        queues = (*self.lanes, self.control, *((self.monitor,) if monitor else ()))
+        for q in queues:
             q.bind(self.channel).declare()
         self.declared_at = time.monotonic()
 
@@ -227,10 +229,13 @@ class Supervisor:
         self._origin = time.monotonic()
         self._next_tick = self._origin + settings.supervise_interval
         self._checks_from = 0.0
-        self._holds_own_monitors = False
-        self._bounced: dict[int, float] = {}
-        self._rebounces: list[tuple[float, Monitor, Message]] = []
-        self._republish: Callable[[dict[str, Any]], None] = lambda body: None
+        self._next_board_poll = 0.0
+        # RabbitMQ returns a dead consumer's unacknowledged messages at once,
+        # so checks wait as held messages of a shared monitor queue. Redis
+        # returns them only after its visibility timeout and the filesystem
+        # transport never does: there, checks wait on the store's board.
+        self._driver = app.connection_for_write().transport.driver_type
+        self._board: Store | None = None if self._driver == 'amqp' else store
 
     # -- the worker's main thread -------------------------------------------
 
@@ -418,34 +423,20 @@ class Supervisor:
 
     def _connect(self) -> Connection:
         options: dict[str, Any] = {}
-        driver = self.app.connection_for_write().transport.driver_type
-        if driver == 'redis':
-            # Held monitor messages of a dead checker come back after this,
-            # and turnout's unacked index stays apart from Celery's.
-            prefix = self.settings.queue_prefix
-            options = {
-                'visibility_timeout': math.ceil(3 * self.settings.detection_bound) + 5,
-                'unacked_key': f'{prefix}.unacked',
-                'unacked_index_key': f'{prefix}.unacked_index',
-                'unacked_mutex_key': f'{prefix}.unacked_mutex',
-                'unacked_restore_throttle': 2,
-            }
-        elif driver == 'filesystem':
+        if self._driver == 'filesystem':
             options = {'polling_interval': 0.1}
         return self.app.connection_for_write(transport_options=options)
 
     def _serve(self, connection: Connection) -> None:
         session = _Session(connection, self)
-        session.declare()
-        # RabbitMQ returns a dead consumer's unacknowledged messages at once.
-        self._holds_own_monitors = connection.transport.driver_type == 'amqp'
-        self._republish = lambda body: session.publish(body, session.monitor.name)
-        self._rebounces.clear()
+        session.declare(monitor=self._board is None)
         # Peers that were cut off with us need a tick to prove themselves.
         self._checks_from = time.time() + self.settings.detection_bound
+        self._next_board_poll = 0.0
         consumer = Consumer(
-            session.consume_channel, [session.monitor], accept=self.accept,
-            callbacks=[self._on_monitor], on_decode_error=self._on_undecodable,
+            session.consume_channel, [session.monitor] if self._board is None else [],
+            accept=self.accept, callbacks=[self._on_monitor],
+            on_decode_error=self._on_undecodable,
             prefetch_count=self.settings.monitor_prefetch,
         )
         with consumer:
@@ -455,7 +446,6 @@ class Supervisor:
                     self._tick(session)
                     self._schedule_tick()
                 self._check_due(session)
-                self._run_rebounces()
                 try:
                     connection.drain_events(timeout=self._wait_time())
                 except TimeoutError:
@@ -478,20 +468,18 @@ class Supervisor:
         wait = self._next_tick - time.monotonic()
         if self._pending:
             wait = min(wait, max(self._pending[0].due, self._checks_from) - time.time())
+        if self._board is not None:
+            wait = min(wait, max(self._next_board_poll, self._checks_from) - time.time())
         return max(0.0, min(wait, MAX_WAIT))
 
     # owner side
 
     def _tick(self, session: _Session) -> None:
         self._prune_finished()
-        self._bounced = {
-            tick: when for tick, when in self._bounced.items()
-            if tick >= self._tick_no - 4
-        }
         self._read_fences(session)
         jobs = self.ledger.held()
         if time.monotonic() - session.declared_at > self.settings.queue_expires / 4:
-            session.declare()
+            session.declare(monitor=self._board is None)
         if not jobs:
             if self._last_lane is not None:
                 session.purge(self._last_lane)
@@ -508,7 +496,10 @@ class Supervisor:
             tick=tick, due=now + self.settings.detection_bound,
             jobs=tuple((job.id, job.attempt) for job in jobs),
         )
-        session.publish(monitor.to_body(), session.monitor.name)
+        if self._board is None:
+            session.publish(monitor.to_body(), session.monitor.name)
+        else:
+            self._board.post_check(monitor.due, json.dumps(monitor.to_body()))
         session.purge(previous)
         self._last_lane = lane
         self.proven_at = now
@@ -580,26 +571,9 @@ class Supervisor:
             )
             message.ack()
             return
-        if monitor.owner == self.worker_id and not self._holds_own_monitors:
-            self._bounce(monitor, message)
-            return
         heapq.heappush(
             self._pending, _Pending(monitor.due, next(self._seq), monitor, message),
         )
-
-    def _bounce(self, monitor: Monitor, message: Message) -> None:
-        # On Redis and the filesystem transport a message held by a process
-        # that dies is not returned at once, so an owner must not hold its own
-        # monitor messages: it puts them back for a peer. When it is alone and
-        # keeps getting them back, it waits a little before each bounce.
-        now = time.monotonic()
-        last = self._bounced.get(monitor.tick)
-        if last is not None and now - last < BOUNCE_PAUSE:
-            self._rebounces.append((last + BOUNCE_PAUSE, monitor, message))
-            return
-        self._bounced[monitor.tick] = now
-        self._republish(monitor.to_body())
-        message.ack()
 
     def _on_undecodable(self, message: Message, exc: Exception) -> None:
         logger.error(
@@ -607,17 +581,6 @@ class Supervisor:
             '(content type %r): %r.', self.names.monitor, message.content_type, exc,
         )
         message.ack()
-
-    def _run_rebounces(self) -> None:
-        now = time.monotonic()
-        due = [item for item in self._rebounces if item[0] <= now]
-        if not due:
-            return
-        self._rebounces = [item for item in self._rebounces if item[0] > now]
-        for _, monitor, message in due:
-            self._bounced[monitor.tick] = now
-            self._republish(monitor.to_body())
-            message.ack()
 
     def _check_due(self, session: _Session) -> None:
         now = time.time()
@@ -628,6 +591,32 @@ class Supervisor:
             if self._owner_is_gone(session, pending.monitor, now):
                 self._take_over(session, pending.monitor)
             pending.message.ack()
+        if self._board is not None and now >= self._next_board_poll:
+            self._check_board(session, now)
+
+    def _check_board(self, session: _Session, now: float) -> None:
+        board = self._board
+        assert board is not None
+        checks, upcoming = board.claim_checks(
+            now, self.settings.supervise_interval, CLAIM_LIMIT,
+        )
+        for token, body in checks:
+            try:
+                monitor = Monitor.from_body(json.loads(body))
+            except (ValueError, MalformedMessage) as exc:
+                logger.error('Dropping a malformed monitor check: %s.', exc)
+            else:
+                if self._owner_is_gone(session, monitor, time.time()):
+                    self._take_over(session, monitor)
+            board.complete_check(token)
+        # Anything posted from now on comes due one detection bound later at
+        # the earliest, so the board need not be asked again before that.
+        wake = now + self.settings.detection_bound
+        if checks and len(checks) >= CLAIM_LIMIT:
+            wake = now
+        elif upcoming is not None:
+            wake = min(wake, upcoming)
+        self._next_board_poll = wake
 
     def _owner_is_gone(self, session: _Session, monitor: Monitor, now: float) -> bool:
         settings = self.settings
