@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 STORE_RETRY_DELAY = 2.0
 
 
-def supervised(task: Any, app: Celery, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+def supervised(
+    task: Any, app: Celery, consumer: Any, **kwargs: Any,
+) -> Callable[..., Any]:
     """The task strategy of turnout tasks: admit each job, then hand it to Celery."""
     handle = default_strategy(task, app, consumer, **kwargs)
 

@@ -93,7 +93,7 @@ class Store(ABC):
 
     @abstractmethod
     def finish(self, job: str, attempt: int, worker: str) -> bool:
-        """Mark ``job`` finished by ``attempt``; False if that attempt was superseded."""
+        """Mark ``job`` finished by ``attempt``; False if it was superseded."""
 
     @abstractmethod
     def superseded(self, job: str, attempt: int) -> bool:
@@ -231,7 +231,10 @@ class RedisStore(Store):
         return None if reason is None else _text(reason)
 
     def message(self, job: str) -> bytes | None:
-        return self._client.get(self._key(job, 'message'))
+        data = self._client.get(self._key(job, 'message'))
+        if isinstance(data, str):
+            return data.encode()
+        return data
 
     def log(self, job: str, *events: Mapping[str, Any]) -> None:
         key = self._key(job, 'history')
@@ -488,7 +491,9 @@ def store_for(app: Celery) -> Store:
         if cached is not None and cached[0] == pid:
             return cached[1]
         settings = Settings.from_app(app)
-        store = open_store(settings.store_url, settings.queue_prefix, settings.record_ttl)
+        store = open_store(
+            settings.store_url, settings.queue_prefix, settings.record_ttl,
+        )
         _stores[app] = (pid, store)
         return store
 

@@ -99,7 +99,8 @@ class _Session:
         )
         self.control = _worker_queue(supervisor.names.control, expires)
         self.monitor = Queue(
-            supervisor.names.monitor, Exchange(''), routing_key=supervisor.names.monitor,
+            supervisor.names.monitor, Exchange(''),
+            routing_key=supervisor.names.monitor,
             durable=True, auto_delete=False,
             queue_arguments={'x-expires': int(settings.monitor_queue_expires * 1000)},
         )
@@ -120,6 +121,10 @@ class _Session:
 
     def purge(self, lane: Queue) -> None:
         lane.bind(self.channel).purge()
+
+    def next_control_message(self, accept: list[str]) -> Message | None:
+        """The next message on this worker's control queue, unacknowledged."""
+        return self.control.bind(self.channel).get(no_ack=False, accept=accept)
 
     def count(self, queue_name: str) -> int:
         """Ready messages in a queue; 0 when the broker says it does not exist.
@@ -357,7 +362,7 @@ class Supervisor:
     def redispatch_later(
         self, job: HeldJob, reason: str, then: Callable[[], None],
     ) -> None:
-        """Re-dispatch ``job`` as its next attempt, then run ``then`` on the main thread.
+        """Re-dispatch ``job`` as its next attempt, then call ``then`` (main thread).
 
         The job stays held (and so supervised) until the copy is published.
         """
@@ -467,10 +472,13 @@ class Supervisor:
     def _wait_time(self) -> float:
         wait = self._next_tick - time.monotonic()
         if self._pending:
-            wait = min(wait, max(self._pending[0].due, self._checks_from) - time.time())
+            wait = min(wait, self._after_grace(self._pending[0].due))
         if self._board is not None:
-            wait = min(wait, max(self._next_board_poll, self._checks_from) - time.time())
+            wait = min(wait, self._after_grace(self._next_board_poll))
         return max(0.0, min(wait, MAX_WAIT))
+
+    def _after_grace(self, due: float) -> float:
+        return max(due, self._checks_from) - time.time()
 
     # owner side
 
@@ -531,9 +539,8 @@ class Supervisor:
         self.ledger.prune(finished)
 
     def _read_fences(self, session: _Session) -> None:
-        control = session.control.bind(session.channel)
         while True:
-            message = control.get(no_ack=False, accept=self.accept)
+            message = session.next_control_message(self.accept)
             if message is None:
                 return
             try:

@@ -130,7 +130,7 @@ class TurnoutTask(Task):
             raise
         except BaseException:
             if not self._finish(store, job_id, attempt, worker):
-                raise Ignore()
+                raise Ignore() from None
             raise
         if not self._finish(store, job_id, attempt, worker):
             raise Ignore()

@@ -1,0 +1,104 @@
+"""The semantics every claim store must have, run against each implementation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from celery_turnout.store import Store, Verdict
+
+EVENT = {'event': 'started', 'worker': 'w1', 'at': 0.0}
+
+
+def admit(store: Store, job='job-1', attempt=1, copy='copy-a', last=4):
+    return store.admit(job, attempt, copy, b'message-bytes', last, EVENT)
+
+
+def the_first_copy_of_an_attempt_starts_it(store: Store) -> None:
+    admission = admit(store)
+    assert (admission.verdict, admission.attempt) == (Verdict.START, 1)
+    assert store.message('job-1') == b'message-bytes'
+    assert [e['attempt'] for e in store.history('job-1')] == [1]
+
+
+def another_copy_of_the_same_attempt_is_a_duplicate(store: Store) -> None:
+    admit(store, copy='copy-a')
+    admission = admit(store, copy='copy-b')
+    assert admission.verdict is Verdict.DUPLICATE
+    assert admission.holder == 'copy-a'
+
+
+def a_redelivered_copy_starts_as_the_next_attempt(store: Store) -> None:
+    admit(store, copy='copy-a')
+    admission = admit(store, copy='copy-a')
+    assert (admission.verdict, admission.attempt) == (Verdict.START, 2)
+
+
+def a_finished_job_never_starts_again(store: Store) -> None:
+    admit(store, copy='copy-a')
+    assert store.finish('job-1', 1, 'w1')
+    assert admit(store, attempt=2, copy='takeover-copy').verdict is Verdict.FINISHED
+    assert admit(store, copy='copy-a').verdict is Verdict.FINISHED
+
+
+def finishing_twice_is_idempotent_but_a_superseded_attempt_cannot_finish(
+    store: Store,
+) -> None:
+    admit(store, copy='copy-a')
+    admit(store, attempt=2, copy='takeover-copy')
+    assert store.superseded('job-1', 1)
+    assert not store.finish('job-1', 1, 'w1')
+    assert store.finish('job-1', 2, 'w2')
+    assert store.finish('job-1', 2, 'w2')
+
+
+def a_cancelled_job_starts_no_copy(store: Store) -> None:
+    store.cancel('job-1', 'operator asked')
+    admission = admit(store)
+    assert admission.verdict is Verdict.CANCELLED
+    assert admission.holder == 'operator asked'
+    assert store.superseded('job-1', 1)
+
+
+def an_attempt_past_the_last_one_is_exhausted_and_claims_nothing(store: Store) -> None:
+    admission = admit(store, attempt=5, copy='copy-x', last=4)
+    assert admission.verdict is Verdict.EXHAUSTED
+    assert admit(store, attempt=4, copy='copy-y', last=4).verdict is Verdict.START
+
+
+def the_history_keeps_events_in_order(store: Store) -> None:
+    admit(store)
+    store.log('job-1', {'event': 'covered', 'attempt': 1}, {'event': 'finished'})
+    assert [e['event'] for e in store.history('job-1')] == [
+        'started', 'covered', 'finished']
+
+
+def a_check_is_claimed_once_when_due_and_again_after_its_lease(store: Store) -> None:
+    now = time.time()
+    store.post_check(now + 5, json.dumps({'tick': 1}))
+    assert store.claim_checks(now, 2.0, 10)[0] == []
+    assert store.claim_checks(now, 2.0, 10)[1] == pytest.approx(now + 5, abs=1e-3)
+
+    checks, _ = store.claim_checks(now + 5, 2.0, 10)
+    assert [json.loads(body) for _, body in checks] == [{'tick': 1}]
+    assert store.claim_checks(now + 6, 2.0, 10)[0] == []
+    again, _ = store.claim_checks(now + 7.5, 2.0, 10)
+    assert len(again) == 1
+
+    store.complete_check(again[0][0])
+    assert store.claim_checks(now + 100, 2.0, 10) == ([], None)
+
+
+CONTRACT = [
+    the_first_copy_of_an_attempt_starts_it,
+    another_copy_of_the_same_attempt_is_a_duplicate,
+    a_redelivered_copy_starts_as_the_next_attempt,
+    a_finished_job_never_starts_again,
+    finishing_twice_is_idempotent_but_a_superseded_attempt_cannot_finish,
+    a_cancelled_job_starts_no_copy,
+    an_attempt_past_the_last_one_is_exhausted_and_claims_nothing,
+    the_history_keeps_events_in_order,
+    a_check_is_claimed_once_when_due_and_again_after_its_lease,
+]

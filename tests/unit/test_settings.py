@@ -1,0 +1,50 @@
+"""Broken turnout settings fail at start with a message that names the fix."""
+
+import pytest
+from celery import Celery
+
+from celery_turnout.errors import ImproperlyConfigured
+from celery_turnout.settings import Settings
+
+
+def an_app(**conf):
+    app = Celery('settings', broker='redis://127.0.0.1:6379/0')
+    app.conf.update(conf)
+    return app
+
+
+def test_defaults_detect_a_dead_worker_within_one_and_a_half_intervals():
+    settings = Settings.from_app(an_app())
+    assert settings.supervise_interval == 5.0
+    assert settings.detection_bound == 7.5
+
+
+@pytest.mark.parametrize('conf, complaint', [
+    ({'turnout_supervise_interval': 0}, 'turnout_supervise_interval'),
+    ({'turnout_supervise_interval': 'fast'}, 'turnout_supervise_interval'),
+    ({'turnout_supervise_interval': 2, 'turnout_grace': 2}, 'shorter than'),
+    ({'turnout_shutdown': 'never'}, 'turnout_shutdown'),
+    ({'turnout_max_takeovers': -1}, 'turnout_max_takeovers'),
+    ({'turnout_queue_prefix': 'a:b'}, 'turnout_queue_prefix'),
+    ({'turnout_queue_expires': 1}, 'turnout_queue_expires'),
+])
+def test_a_bad_setting_is_refused_by_name(conf, complaint):
+    with pytest.raises(ImproperlyConfigured, match=complaint):
+        Settings.from_app(an_app(**conf))
+
+
+def test_the_store_comes_from_a_redis_result_backend_first():
+    app = Celery('s', broker='amqp://', backend='redis://127.0.0.1:6379/3')
+    assert Settings.from_app(app).store_url == 'redis://127.0.0.1:6379/3'
+
+
+def test_the_filesystem_broker_keeps_its_store_next_to_its_data(tmp_path):
+    app = Celery('s', broker='filesystem://')
+    app.conf.broker_transport_options = {'data_folder_in': str(tmp_path / 'in')}
+    assert Settings.from_app(app).store_url == f'file://{tmp_path}/turnout-store'
+
+
+def test_rabbitmq_without_a_redis_backend_asks_for_a_store():
+    app = Celery('s', broker='amqp://', backend='rpc://')
+    with pytest.raises(ImproperlyConfigured, match='turnout_store_url'):
+        Settings.from_app(app)

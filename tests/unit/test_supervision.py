@@ -1,0 +1,276 @@
+"""The owner's tick and the checker's decision, step by step, against a recording broker.
+
+The order of the steps is what keeps a job from being lost: the evidence of the
+owner's death must exist before the previous evidence is purged and before the
+job's own message is acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+from celery import Celery
+from kombu import Queue
+
+from celery_turnout.ledger import HeldJob
+from celery_turnout.messages import ATTEMPT_HEADER, COPY_HEADER, Fence, Monitor
+from celery_turnout.settings import Settings
+from celery_turnout.store import FileStore
+from celery_turnout.supervision import Supervisor
+
+
+class RecordingSession:
+    """Stands in for a broker connection and writes down every operation."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.ops: list[tuple] = []
+        self.lanes = tuple(Queue(name) for name in supervisor.names.lanes)
+        self.control = Queue(supervisor.names.control)
+        self.monitor = Queue(supervisor.names.monitor)
+        self.declared_at = time.monotonic()
+        self.control_inbox: list = []
+        self.counts: dict[str, int] = {}
+        self.lane_ticks: dict[str, int | None] = {}
+        self.producer = SimpleNamespace(publish=self._publish_raw)
+
+    def publish(self, body, queue_name):
+        self.ops.append(('publish', body['kind'], queue_name))
+
+    def purge(self, lane):
+        self.ops.append(('purge', lane.name))
+
+    def next_control_message(self, accept):
+        self.ops.append(('read control',))
+        return self.control_inbox.pop(0) if self.control_inbox else None
+
+    def count(self, queue_name):
+        self.ops.append(('count', queue_name))
+        return self.counts.get(queue_name, 0)
+
+    def peek_tick(self, queue_name, accept):
+        self.ops.append(('peek', queue_name))
+        return self.lane_ticks.get(queue_name)
+
+    def declare(self, monitor):
+        self.ops.append(('declare',))
+
+    def _publish_raw(self, body, **options):
+        self.ops.append(('re-dispatch', options['headers']['id'],
+                         options['headers'][ATTEMPT_HEADER]))
+
+
+class FakeMessage:
+    def __init__(self, body):
+        self.body = body
+        self.acked = False
+
+    def decode(self):
+        return self.body
+
+    def ack(self):
+        self.acked = True
+
+
+class FakeRequest:
+    def __init__(self):
+        self.acknowledged = False
+
+    def acknowledge(self):
+        self.acknowledged = True
+
+
+@pytest.fixture
+def store(tmp_path):
+    return FileStore(str(tmp_path), 'test', ttl=60)
+
+
+@pytest.fixture
+def supervisor(store):
+    app = Celery('unit', broker='memory://')
+    app.conf.turnout_store_url = 'file:///unused'
+    settings = Settings.from_app(app)
+    return Supervisor(app, 'w1@host', settings, store)
+
+
+@pytest.fixture
+def session(supervisor):
+    return RecordingSession(supervisor)
+
+
+def hold(supervisor, store, job_id='job-1', attempt=1):
+    store.admit(job_id, attempt, f'copy-{job_id}', b'{}', 9, {'event': 'started'})
+    job = HeldJob(job_id, 'app.audit', attempt, f'copy-{job_id}')
+    job.request = FakeRequest()
+    supervisor.ledger.add(job)
+    return job
+
+
+def steps(session):
+    return [op[0] if op[0] != 'publish' else f'publish {op[1]}' for op in session.ops]
+
+
+def test_a_tick_plants_new_evidence_before_it_removes_the_old_then_acknowledges(
+    supervisor, store, session,
+):
+    job = hold(supervisor, store)
+
+    supervisor._tick(session)
+    assert steps(session) == [
+        'read control', 'publish supervise', 'purge',
+    ], 'on brokers without a monitor queue the check goes to the store board'
+    assert session.ops[1][2] == supervisor.names.lanes[0]
+    assert session.ops[2][1] == supervisor.names.lanes[1]
+    assert not job.request.acknowledged, 'acknowledged on the main thread, later'
+
+    supervisor.run_pending_calls()
+    assert job.request.acknowledged and job.covered
+    checks, _ = store.claim_checks(time.time() + 60, 1, 10)
+    (token, body), = checks
+    monitor = Monitor.from_body(json.loads(body))
+    assert monitor.jobs == (('job-1', 1),)
+    assert monitor.lane == supervisor.names.lanes[0]
+
+
+def test_on_rabbitmq_the_monitor_message_goes_out_after_the_supervise_message(
+    supervisor, store, session,
+):
+    supervisor._board = None
+    hold(supervisor, store)
+    supervisor._tick(session)
+    assert steps(session) == [
+        'read control', 'publish supervise', 'publish monitor', 'purge']
+
+
+def test_consecutive_ticks_alternate_lanes_and_purge_the_previous_one(
+    supervisor, store, session,
+):
+    hold(supervisor, store)
+    supervisor._tick(session)
+    supervisor._tick(session)
+    published = [op[2] for op in session.ops if op[:2] == ('publish', 'supervise')]
+    purged = [op[1] for op in session.ops if op[0] == 'purge']
+    assert published == list(supervisor.names.lanes)
+    assert purged == [supervisor.names.lanes[1], supervisor.names.lanes[0]]
+
+
+def test_an_idle_owner_purges_its_last_lane_once_and_then_sends_nothing(
+    supervisor, store, session,
+):
+    job = hold(supervisor, store)
+    supervisor._tick(session)
+    supervisor.ledger.discard(job)
+    session.ops.clear()
+
+    supervisor._tick(session)
+    supervisor._tick(session)
+    assert steps(session) == ['read control', 'purge', 'read control']
+    assert session.ops[1][1] == supervisor.names.lanes[0]
+
+
+def test_a_job_covered_once_is_not_acknowledged_again(supervisor, store, session):
+    job = hold(supervisor, store)
+    supervisor._tick(session)
+    supervisor.run_pending_calls()
+    job.request.acknowledged = False
+    supervisor._tick(session)
+    supervisor.run_pending_calls()
+    assert not job.request.acknowledged
+
+
+def test_a_fence_notice_is_obeyed_before_the_tick_names_the_job_again(
+    supervisor, store, session,
+):
+    job = hold(supervisor, store)
+    other = hold(supervisor, store, 'job-2')
+    fence = Fence(owner=supervisor.worker_id, by='w2', reason='late', jobs=(('job-1', 1),))
+    notice = FakeMessage(fence.to_body())
+    session.control_inbox.append(notice)
+
+    supervisor._tick(session)
+    assert notice.acked
+    assert job.released == 'fenced' and other.released is None
+    monitor = Monitor.from_body(json.loads(store.claim_checks(time.time() + 60, 1, 9)[0][0][1]))
+    assert monitor.jobs == (('job-2', 1),)
+
+
+def test_a_fence_for_an_older_attempt_leaves_a_newer_one_alone(supervisor, store, session):
+    job = hold(supervisor, store, attempt=3)
+    fence = Fence(owner=supervisor.worker_id, by='w2', reason='late', jobs=(('job-1', 2),))
+    session.control_inbox.append(FakeMessage(fence.to_body()))
+    supervisor._tick(session)
+    assert job.released is None
+
+
+def test_a_malformed_control_message_is_dropped_and_the_tick_goes_on(
+    supervisor, store, session,
+):
+    hold(supervisor, store)
+    junk = FakeMessage({'kind': 'fence', 'jobs': 'all'})
+    session.control_inbox.append(junk)
+    supervisor._tick(session)
+    assert junk.acked
+    assert 'publish supervise' in steps(session)
+
+
+def a_monitor_for(supervisor, lane_index=0, due=None, tick=0):
+    return Monitor(
+        owner='w9@host.dead', lane=f'test.supervise.w9.{lane_index}',
+        control='test.control.w9', tick=tick,
+        due=time.time() if due is None else due, jobs=(('job-1', 1),),
+    )
+
+
+def test_an_unread_supervise_message_means_takeover_fence_first(
+    supervisor, store, session,
+):
+    store.admit('job-1', 1, 'copy-a', json.dumps({
+        'task': 'app.audit', 'exchange': 'celery', 'routing_key': 'celery',
+        'headers': {'id': 'job-1', COPY_HEADER: 'copy-a'}, 'properties': {},
+        'body': '', 'content_type': 'application/json', 'content_encoding': 'utf-8',
+    }).encode(), 9, {'event': 'started'})
+    monitor = a_monitor_for(supervisor)
+    session.counts[monitor.lane] = 1
+
+    assert supervisor._owner_is_gone(session, monitor, monitor.due)
+    supervisor._take_over(session, monitor)
+    assert session.ops[1:] == [
+        ('publish', 'fence', 'test.control.w9'),
+        ('re-dispatch', 'job-1', 2),
+    ]
+    assert store.history('job-1')[-1]['event'] == 'taken_over'
+
+
+def test_an_empty_lane_at_the_due_time_means_the_owner_is_alive(supervisor, session):
+    monitor = a_monitor_for(supervisor)
+    assert not supervisor._owner_is_gone(session, monitor, monitor.due)
+
+
+def test_a_late_check_reads_which_tick_the_lane_holds(supervisor, session):
+    interval = supervisor.settings.supervise_interval
+    monitor = a_monitor_for(supervisor, tick=7)
+    late = monitor.due + interval
+
+    session.lane_ticks[monitor.lane] = 9
+    assert not supervisor._owner_is_gone(session, monitor, late)
+    session.lane_ticks[monitor.lane] = 7
+    assert supervisor._owner_is_gone(session, monitor, late)
+    assert ('count', monitor.lane) not in session.ops
+
+
+def test_a_job_already_finished_is_not_re_dispatched(supervisor, store, session):
+    store.admit('job-1', 1, 'copy-a', b'{}', 9, {'event': 'started'})
+    store.finish('job-1', 1, 'w9')
+    supervisor._take_over(session, a_monitor_for(supervisor))
+    assert [op[0] for op in session.ops] == ['publish']
+
+
+def test_checks_wait_one_detection_bound_after_a_reconnection(supervisor, store, session):
+    monitor = a_monitor_for(supervisor, due=time.time() - 1)
+    store.post_check(monitor.due, json.dumps(monitor.to_body()))
+    session.counts[monitor.lane] = 1
+    supervisor._checks_from = time.time() + 60
+    supervisor._check_due(session)
+    assert session.ops == []
