@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from celery_turnout import turnout_task
 from example_project.ledger import Audit, read_ledger
 from example_project.settings import chunk_delay, configure
 
@@ -26,7 +27,12 @@ app = Celery('example_project')
 configure(app)
 
 
-@app.task(bind=True, name='example_project.audit_customer_history')
+#: Takeovers a job may go through before it fails for good.
+MAX_TAKEOVERS = 3
+
+
+@turnout_task(app, bind=True, name='example_project.audit_customer_history',
+              max_takeovers=MAX_TAKEOVERS)
 def audit_customer_history(self: Task, path: str, customer: str) -> dict[str, Any]:
     """Audit one customer's history in the ledger, slowly, chunk by chunk.
 
@@ -39,7 +45,7 @@ def audit_customer_history(self: Task, path: str, customer: str) -> dict[str, An
         The audit's summary, see `example_project.ledger.Audit.summary`.
     """
     job_id, worker = self.request.id, self.request.hostname
-    attempt = getattr(self, 'attempt', 1)
+    attempt = self.attempt
     total = sum(1 for _ in read_ledger(Path(path), customer))
     delay = chunk_delay()
     logger.info(

@@ -23,16 +23,33 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType
 from typing import Any
 
 from celery import Celery
 
+from celery_turnout import history
 from example_project import ledger
 from example_project.settings import chunk_delay, var_dir
 
 #: The customer the demo audits: the one whose history has every kind of anomaly.
 CUSTOMER = 'birch-logistics'
+
+#: What each event of a job's history means, in words; ``killed`` is the demo's own.
+EVENT_WORDS = {
+    'started': 'attempt {attempt} started on {worker}',
+    'covered': "attempt {attempt} covered by {worker}'s supervise messages",
+    'killed': '{worker} lost: the demo killed its main process',
+    'taken_over': '{by} took the job over from {worker}',
+    'fenced': 'attempt {attempt} on {worker} fenced: its result will not count',
+    'finished': 'attempt {attempt} finished on {worker}',
+    'failed': 'attempt {attempt} failed on {worker}',
+    'handed_off': '{worker} handed the job off as it shut down',
+    'child_lost': 'the pool process running attempt {attempt} on {worker} died',
+}
+
+#: Words for an event that `EVENT_WORDS` does not know.
+OTHER_EVENT_WORDS = '{event} (attempt {attempt} on {worker})'
 
 #: Letters of the workers the demo starts.
 WORKER_NAMES = ('A', 'B')
@@ -106,13 +123,14 @@ def _run(broker: str | None, kill: bool, workers: list[Worker]) -> int:
     app_module = importlib.import_module('example_project.app')
     app: Celery = app_module.app
     print('celery-turnout demo: a long job survives the death of its worker.')
-    print('Broker: %s; results: %s' % (broker, app.conf.result_backend))
+    print(f'Broker: {broker}; results: {app.conf.result_backend}')
 
     path = _ensure_ledger(var_dir() / 'ledger.csv')
     started = time.monotonic()
     expected = ledger.audit_history(ledger.read_ledger(path), CUSTOMER)
-    print('Audited %r here, without Celery, in %.1f s: %s.'
-          % (CUSTOMER, time.monotonic() - started, _describe(expected)))
+    elapsed = time.monotonic() - started
+    print(f'Audited {CUSTOMER!r} here, without Celery, in {elapsed:.1f} s: '
+          f'{_describe(expected)}.')
 
     for name in WORKER_NAMES:
         workers.append(_start_worker(name))
@@ -120,59 +138,60 @@ def _run(broker: str | None, kill: bool, workers: list[Worker]) -> int:
 
     job = app_module.audit_customer_history.delay(str(path), CUSTOMER)
     duration = expected['rows'] / app_module.CHUNK_ROWS * chunk_delay()
-    print('\nSubmitted job %s: audit_customer_history(%r, %r), about %.0f s of work.'
-          % (job.id, str(path), CUSTOMER, duration))
-    owner, started_at = _find_owner(app, app_module, job.id, workers)
-    print('  It runs on %s.' % owner.node)
+    print(f'\nSubmitted job {job.id}: audit_customer_history({str(path)!r}, '
+          f'{CUSTOMER!r}), about {duration:.0f} s of work.')
+    owner, started_at = _find_owner(app, job.id, workers)
+    print(f'  Its history says it started on {owner.node}.')
 
-    killed_at = None
+    killed = None
     if kill:
         time.sleep(max(0.0, started_at + duration / 2 - time.time()))
-        killed_at = _kill_main_process(owner)
+        killed = _kill_main_process(owner)
 
     print('Waiting for the result ...')
     value = _wait_for_result(job, timeout=3 * duration + 120)
-    _print_timeline(app_module, app, job.id, killed_at, owner)
+    _print_timeline(history(app, job.id), killed, job.id)
     return _compare(value, expected)
 
 
 def _ensure_ledger(path: Path) -> Path:
     """Write the ledger unless an earlier run already did."""
     if path.exists():
-        print('Ledger: %s (already written).' % path)
+        print(f'Ledger: {path} (already written).')
         return path
-    print('Writing the ledger to %s ...' % path)
+    print(f'Writing the ledger to {path} ...')
     started = time.monotonic()
     count = ledger.write_ledger(path)
-    print('  %d rows for %d customers in %.1f s.'
-          % (count, len(ledger.CUSTOMERS), time.monotonic() - started))
+    elapsed = time.monotonic() - started
+    print(f'  {count} rows for {len(ledger.CUSTOMERS)} customers in {elapsed:.1f} s.')
     return path
 
 
 def _describe(summary: Any) -> str:
     """Say in one line what an audit summary holds."""
     if not isinstance(summary, dict):
-        return 'not a summary: %r' % (summary,)
-    found = ', '.join('%s %s' % (a['kind'], a['txn_id']) for a in summary['anomalies'])
-    return '%d rows, balance %d cents, anomalies: %s' % (
-        summary['rows'], summary['balance_cents'], found or 'none')
+        return f'not a summary: {summary!r}'
+    found = ', '.join(f"{a['kind']} {a['txn_id']}" for a in summary['anomalies'])
+    return (f"{summary['rows']} rows, balance {summary['balance_cents']} cents, "
+            f"anomalies: {found or 'none'}")
 
 
 def _start_worker(name: str) -> Worker:
     """Start one prefork worker in a session of its own, logging to var/logs."""
-    log = var_dir() / 'logs' / ('%s.log' % name)
+    log = var_dir() / 'logs' / (f'{name}.log')
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(
         p for p in (str(REPOSITORY), env.get('PYTHONPATH', '')) if p)
+    level = os.environ.get('EXAMPLE_WORKER_LOGLEVEL', 'INFO')
     command = [sys.executable, '-m', 'celery', '-A', 'example_project.app', 'worker',
-               '-P', 'prefork', '-c', '2', '-n', '%s@%%h' % name, '-l', 'INFO']
+               '-P', 'prefork', '-c', '2', '-n', f'{name}@%h', '-l', level]
 
     with log.open('wb') as out:
         process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-    print('Started worker %s, pid %d, log %s.' % (name, process.pid, log))
+    print(f'Started worker {name}, pid {process.pid}, log {log}.')
     return Worker(name, process, log)
 
 
@@ -182,42 +201,44 @@ def _wait_for_pings(app: Celery, workers: list[Worker], timeout: float = 90) -> 
     while any(not w.node for w in workers):
         for worker in workers:
             if worker.process.poll() is not None:
-                raise SystemExit('Worker %s exited with status %s; see %s.'
-                                 % (worker.name, worker.process.returncode, worker.log))
+                raise SystemExit(f'Worker {worker.name} exited with status '
+                                 f'{worker.process.returncode}; see {worker.log}.')
         if time.monotonic() > deadline:
-            raise SystemExit('The workers did not answer a ping in %.0f s.' % timeout)
+            raise SystemExit(f'The workers did not answer a ping in {timeout:.0f} s.')
 
         for reply in app.control.ping(timeout=1.0):
             for node in reply:
                 for worker in workers:
                     if node.startswith(worker.name + '@') and not worker.node:
                         worker.node = node
-                        print('  %s answered a ping.' % node)
+                        print(f'  {node} answered a ping.')
 
 
-def _find_owner(app: Celery, app_module: ModuleType, job_id: str,
-                workers: list[Worker], timeout: float = 60) -> tuple[Worker, float]:
-    """Find the worker that runs the job, and when it started, from the workers."""
+def _find_owner(app: Celery, job_id: str, workers: list[Worker],
+                timeout: float = 60) -> tuple[Worker, float]:
+    """Find the worker that started the job, and when, in the job's history."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        replies = app.control.inspect(timeout=1.0).query_task(job_id) or {}
-        for node, jobs in replies.items():
-            state, info = jobs.get(job_id, (None, None))
-            if state == 'active':
-                worker = next(w for w in workers if w.node == node)
-                return worker, float(info.get('time_start') or time.time())
-        time.sleep(0.5)
-    raise SystemExit('No worker started job %s in %.0f s.' % (job_id, timeout))
+        for event in history(app, job_id):
+            owner = [w for w in workers if w.node == event['worker']]
+            if event['event'] == 'started' and owner:
+                return owner[0], float(event['at'])
+        time.sleep(0.2)
+    raise SystemExit(f'No worker started job {job_id} in {timeout:.0f} s.')
 
 
-def _kill_main_process(worker: Worker) -> float:
-    """Kill a worker's main process with SIGKILL, as the OOM killer would."""
+def _kill_main_process(worker: Worker) -> dict[str, Any]:
+    """Kill a worker's main process with SIGKILL, as the OOM killer would.
+
+    Returns:
+        An event for the timeline that says when and whom.
+    """
     os.kill(worker.process.pid, signal.SIGKILL)
-    killed_at = time.time()
+    killed = {'event': 'killed', 'worker': worker.node, 'at': time.time()}
     worker.process.wait()
-    print("Killed %s's main process (pid %d) with SIGKILL."
-          % (worker.node, worker.process.pid))
-    return killed_at
+    print(f"Killed {worker.node}'s main process (pid {worker.process.pid}) "
+          'with SIGKILL.')
+    return killed
 
 
 def _wait_for_result(job: Any, timeout: float) -> Any:
@@ -228,22 +249,68 @@ def _wait_for_result(job: Any, timeout: float) -> Any:
         return exc
 
 
-def _print_timeline(app_module: ModuleType, app: Celery, job_id: str,
-                    killed_at: float | None, owner: Worker) -> None:
-    """Print what happened to the job, in words."""
-    print('\nTimeline of job %s:' % job_id)
+def _print_timeline(events: list[dict[str, Any]], killed: dict[str, Any] | None,
+                    job_id: str) -> None:
+    """Print what happened to the job, in words, from its history and the kill."""
+    events = sorted(events + ([killed] if killed else []), key=lambda e: e['at'])
+    if not events:
+        print(f'\nJob {job_id} has no history.')
+        return
+
+    origin = events[0]['at']
+    print(f'\nTimeline of job {job_id}:')
+    for event in events:
+        words = EVENT_WORDS.get(event['event'], OTHER_EVENT_WORDS)
+        offset = event['at'] - origin
+        print(f'  {offset:7.1f} s  {words.format_map(_Blank(event))}')
+    print(_summarise(events, killed))
+
+
+class _Blank(dict[str, Any]):
+    """An event whose missing fields read as a question mark."""
+
+    def __missing__(self, key: str) -> str:
+        return '?'
+
+
+def _summarise(events: list[dict[str, Any]], killed: dict[str, Any] | None) -> str:
+    """Say in one sentence how the job went, as a person would tell it."""
+    origin = events[0]['at']
+    first = events[0]
+    parts = ['Started on {} at 0.0 s'.format(first.get('worker', '?'))]
+
+    takeovers = [e for e in events if e['event'] == 'taken_over']
+    if killed:
+        parts.append(f"{killed['worker']} lost at {killed['at'] - origin:.1f} s")
+        later = [e for e in takeovers if e['at'] >= killed['at']]
+        if later:
+            delay = later[0]['at'] - killed['at']
+            parts.append(f"taken over by {later[0].get('by', '?')} {delay:.1f} s later")
+        else:
+            parts.append('never taken over')
+
+    ends = [e for e in events if e['event'] in ('finished', 'failed')]
+    if ends:
+        end = ends[-1]
+        parts.append(f"{end['event']} at {end['at'] - origin:.1f} s on "
+                     f"{end.get('worker', '?')}")
+    else:
+        parts.append('not finished')
+    attempts = max((int(e.get('attempt') or 0) for e in events), default=0)
+    plural = '' if attempts == 1 else 's'
+    return f"{'; '.join(parts)}; {attempts} attempt{plural} used."
 
 
 def _compare(value: Any, expected: dict[str, Any]) -> int:
     """Print the job's result beside the independent audit, and judge it."""
-    print('\nResult from the workers: %s' % _describe(value))
-    print('Audit computed here:     %s' % _describe(expected))
+    print(f'\nResult from the workers: {_describe(value)}')
+    print(f'Audit computed here:     {_describe(expected)}')
     if value == expected:
         print('The result equals the independent audit.')
         return 0
     print('The result DIFFERS from the independent audit:')
-    print('  from the workers: %s' % json.dumps(value, sort_keys=True, default=repr))
-    print('  computed here:    %s' % json.dumps(expected, sort_keys=True))
+    print(f'  from the workers: {json.dumps(value, sort_keys=True, default=repr)}')
+    print(f'  computed here:    {json.dumps(expected, sort_keys=True)}')
     return 1
 
 

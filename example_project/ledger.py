@@ -151,7 +151,7 @@ def generate_rows(rows_per_customer: int = ROWS_PER_CUSTOMER) -> Iterator[Ledger
             for _ in range(min(timeline.rows_left, timeline.rng.randint(60, 120))):
                 serial += 1
                 # A multiplier prime to 10**9 spreads the ids without repeating one.
-                row = _next_row(timeline, day, 'TX%09d' % (serial * 7919 % 10**9))
+                row = _next_row(timeline, day, f'TX{serial * 7919 % 10**9:09d}')
                 timeline.recent.append(row)
                 yield row
         day += datetime.timedelta(days=1)
@@ -171,7 +171,7 @@ def _new_timeline(
         for _ in range(own_rng.randint(least, most)):
             plants[own_rng.randrange(1_000, rows - 1_000)] = kind
 
-    accounts = {'%s-%s' % (prefix, suffix): 0 for suffix in _ACCOUNT_SUFFIXES}
+    accounts = {f'{prefix}-{suffix}': 0 for suffix in _ACCOUNT_SUFFIXES}
     return _Timeline(customer, own_rng, accounts, rows, plants)
 
 
