@@ -80,6 +80,9 @@ class Supervision(bootsteps.StartStopStep):
             return
         if _leaving():
             if supervisor.settings.shutdown == 'handoff':
+                # Stop taking jobs first, or this worker would be handed its own.
+                if c.task_consumer is not None:
+                    c.task_consumer.cancel()
                 supervisor.hand_off(HANDOFF_TIMEOUT)
         else:
             supervisor.release_uncovered()

@@ -310,6 +310,8 @@ class Supervisor:
         those messages to another worker, which starts them as the next
         attempt, so this worker's copies must stop.
         """
+        if self._driver not in ('amqp', 'redis'):
+            return  # other transports do not redeliver what they handed out
         for job in self.ledger.held():
             if not job.covered:
                 logger.warning(

@@ -3,10 +3,9 @@
 import multiprocessing
 
 import pytest
+from store_contract import CONTRACT
 
 from celery_turnout.store import FileStore, Verdict
-
-from store_contract import CONTRACT
 
 
 @pytest.fixture
@@ -27,7 +26,9 @@ def _race(root, copy, results):
 def test_of_many_processes_racing_for_one_attempt_exactly_one_starts_it(tmp_path):
     results = multiprocessing.Queue()
     racers = [
-        multiprocessing.Process(target=_race, args=(str(tmp_path), f'copy-{n}', results))
+        multiprocessing.Process(
+            target=_race, args=(str(tmp_path), f'copy-{n}', results),
+        )
         for n in range(8)
     ]
     for racer in racers:

@@ -5,7 +5,13 @@ from kombu import Connection, Queue
 
 from celery_turnout.errors import MalformedMessage
 from celery_turnout.messages import (
-    ATTEMPT_HEADER, COPY_HEADER, Fence, Monitor, StoredMessage, attempt_of, copy_id,
+    ATTEMPT_HEADER,
+    COPY_HEADER,
+    Fence,
+    Monitor,
+    StoredMessage,
+    attempt_of,
+    copy_id,
 )
 
 

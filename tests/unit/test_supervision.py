@@ -1,4 +1,4 @@
-"""The owner's tick and the checker's decision, step by step, against a recording broker.
+"""The owner's tick and the checker's decision, step by step, on a recording broker.
 
 The order of the steps is what keeps a job from being lost: the evidence of the
 owner's death must exist before the previous evidence is purged and before the
@@ -108,6 +108,10 @@ def hold(supervisor, store, job_id='job-1', attempt=1):
     return job
 
 
+def a_fence(supervisor, *jobs):
+    return Fence(owner=supervisor.worker_id, by='w2', reason='late', jobs=jobs)
+
+
 def steps(session):
     return [op[0] if op[0] != 'publish' else f'publish {op[1]}' for op in session.ops]
 
@@ -185,20 +189,23 @@ def test_a_fence_notice_is_obeyed_before_the_tick_names_the_job_again(
 ):
     job = hold(supervisor, store)
     other = hold(supervisor, store, 'job-2')
-    fence = Fence(owner=supervisor.worker_id, by='w2', reason='late', jobs=(('job-1', 1),))
+    fence = a_fence(supervisor, ('job-1', 1))
     notice = FakeMessage(fence.to_body())
     session.control_inbox.append(notice)
 
     supervisor._tick(session)
     assert notice.acked
     assert job.released == 'fenced' and other.released is None
-    monitor = Monitor.from_body(json.loads(store.claim_checks(time.time() + 60, 1, 9)[0][0][1]))
+    (_, body), = store.claim_checks(time.time() + 60, 1, 9)[0]
+    monitor = Monitor.from_body(json.loads(body))
     assert monitor.jobs == (('job-2', 1),)
 
 
-def test_a_fence_for_an_older_attempt_leaves_a_newer_one_alone(supervisor, store, session):
+def test_a_fence_for_an_older_attempt_leaves_a_newer_one_alone(
+    supervisor, store, session,
+):
     job = hold(supervisor, store, attempt=3)
-    fence = Fence(owner=supervisor.worker_id, by='w2', reason='late', jobs=(('job-1', 2),))
+    fence = a_fence(supervisor, ('job-1', 2))
     session.control_inbox.append(FakeMessage(fence.to_body()))
     supervisor._tick(session)
     assert job.released is None
@@ -267,7 +274,9 @@ def test_a_job_already_finished_is_not_re_dispatched(supervisor, store, session)
     assert [op[0] for op in session.ops] == ['publish']
 
 
-def test_checks_wait_one_detection_bound_after_a_reconnection(supervisor, store, session):
+def test_checks_wait_one_detection_bound_after_a_reconnection(
+    supervisor, store, session,
+):
     monitor = a_monitor_for(supervisor, due=time.time() - 1)
     store.post_check(monitor.due, json.dumps(monitor.to_body()))
     session.counts[monitor.lane] = 1

@@ -1,0 +1,45 @@
+"""A worker that is told to stop hands its jobs off instead of dying with them."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import Cluster, wait_for
+from test_failover import events_of, wait_until_covered
+
+pytestmark = pytest.mark.integration
+
+#: Seconds from SIGTERM to the next attempt's start. An orchestrator's grace
+#: period is typically 30 s; a copy the leaving worker's own consumer had
+#: already fetched is returned when that consumer closes, a second or two later.
+HANDOFF_BOUND = 5.0
+
+
+def test_a_warm_shutdown_hands_jobs_off_at_once(
+    cluster: Cluster, figure: Callable[[str], None]
+) -> None:
+    cluster.start(2)
+    seconds = 6.0
+    job = cluster.send("it.sleeper", seconds)
+    first = cluster.wait_started(job.id)
+    owner = cluster.owner_of(first)
+    wait_until_covered(cluster, job.id)
+
+    asked_at = owner.signal(signal.SIGTERM)
+    second = cluster.wait_started(job.id, attempt=2, timeout=HANDOFF_BOUND)
+    figure(
+        f"{cluster.broker_name}: SIGTERM to attempt 2 started "
+        f"{second['time'] - asked_at:.2f} s"
+    )
+    assert second["worker"] in {w.name for w in cluster.others(owner)}
+    wait_for(lambda: owner.process.poll() is not None, 15, "the owner to exit")
+
+    outcome: dict[str, Any] = job.get(timeout=seconds + 30)
+    assert outcome["attempt"] == 2
+    assert not cluster.records.events(job.id, "finish", attempt=1)
+    events = events_of(cluster, job.id)
+    assert ("handed_off", 2) in events
+    assert ("taken_over", 2) not in events, "the exit was mistaken for a crash"
