@@ -27,6 +27,7 @@ import enum
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -439,7 +440,9 @@ def _write(path: str, data: str | bytes) -> None:
 
 
 def _board_name(due: float) -> str:
-    return f'{due:020.6f}_{os.urandom(8).hex()}'
+    # Rounded down, so that a check is never claimed later than it was due.
+    micros = math.floor(due * 1_000_000)
+    return f'{micros // 1_000_000:013d}.{micros % 1_000_000:06d}_{os.urandom(8).hex()}'
 
 
 def _board_due(name: str) -> float | None:
