@@ -34,7 +34,7 @@ from celery_turnout import turnout_task
 #: Seconds between two looks at the clock while a job sleeps or spins.
 STEP = 0.05
 
-#: How long RabbitMQ and Redis keep a test's job queue after its last use.
+#: How long RabbitMQ and Redis keep a test's queues after their last use.
 QUEUE_EXPIRES_MS = 10 * 60 * 1000
 
 
@@ -66,6 +66,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
         turnout_supervise_interval=float(env.get("TURNOUT_IT_INTERVAL", "1")),
         turnout_store_url=env.get("TURNOUT_IT_STORE_URL", "redis://127.0.0.1:6379/3"),
         turnout_queue_prefix=env.get("TURNOUT_IT_QUEUE_PREFIX", "turnout-it"),
+        turnout_monitor_queue_expires=QUEUE_EXPIRES_MS / 1000,
     )
     records = Path(env.get("TURNOUT_IT_RECORDS", "records"))
     _register_jobs(app, records)

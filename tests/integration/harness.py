@@ -248,7 +248,13 @@ class Cluster:
                     f"worker {worker.name} exited with {worker.process.returncode} "
                     f"before it answered a ping:\n{worker.log()}"
                 )
-            replies = self.app.control.ping(destination=[worker.name], timeout=0.5)
+            try:
+                replies = self.app.control.ping(destination=[worker.name], timeout=0.5)
+            except ValueError:
+                # kombu's filesystem transport can hand a reader a reply file its
+                # writer created but has not filled yet: that reply is lost, so
+                # ask again.
+                return False
             return any(worker.name in reply for reply in replies)
 
         wait_for(answers, READY_TIMEOUT, f"worker {worker.name} to answer a ping")
