@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 
 from celery_turnout import history
 from example_project import ledger
@@ -123,7 +124,8 @@ def _run(broker: str | None, kill: bool, workers: list[Worker]) -> int:
     app_module = importlib.import_module('example_project.app')
     app: Celery = app_module.app
     print('celery-turnout demo: a long job survives the death of its worker.')
-    print(f'Broker: {broker}; results: {app.conf.result_backend}')
+    print(f'Broker: {maybe_sanitize_url(broker)}; '
+          f'results: {maybe_sanitize_url(app.conf.result_backend)}')
 
     path = _ensure_ledger(var_dir() / 'ledger.csv')
     started = time.monotonic()

@@ -52,8 +52,8 @@ def chunk_delay(environ: Mapping[str, str] = os.environ) -> float:
 def configure(app: Celery, environ: Mapping[str, str] = os.environ) -> None:
     """Configure the app from the environment, as the module docstring describes.
 
-    With the local ``filesystem://`` broker, the folders it needs are created here:
-    the workers and the demo all configure the app before they touch the broker.
+    The folders that the local broker, results and store need are created here: the
+    workers and the demo all configure the app before they touch any of them.
 
     Args:
         app: The app to configure.
@@ -63,6 +63,7 @@ def configure(app: Celery, environ: Mapping[str, str] = os.environ) -> None:
     broker = environ.get('EXAMPLE_BROKER_URL', 'filesystem://')
     shared = broker if broker.startswith(('redis://', 'rediss://')) else None
     interval = float(environ.get('EXAMPLE_SUPERVISE_INTERVAL', '2'))
+    folders = [local / 'results', local / 'store'] if not shared else []
 
     app.conf.update(
         broker_url=broker,
@@ -78,13 +79,13 @@ def configure(app: Celery, environ: Mapping[str, str] = os.environ) -> None:
     )
 
     if broker.startswith('filesystem://'):
-        queues = local / 'queues'
+        folders += [local / 'queues', local / 'exchanges']
         app.conf.broker_transport_options = {
-            'data_folder_in': str(queues),
-            'data_folder_out': str(queues),
+            'data_folder_in': str(local / 'queues'),
+            'data_folder_out': str(local / 'queues'),
             'control_folder': str(local / 'exchanges'),
             # The default of one second would make each supervise round trip slow.
             'polling_interval': 0.1,
         }
-        for folder in (queues, local / 'exchanges', local / 'results', local / 'store'):
-            folder.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
