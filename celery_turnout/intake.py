@@ -18,12 +18,14 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Celery
+from celery.states import READY_STATES
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
 from .errors import JobExhausted, MalformedMessage
+from .faults import fault_point
 from .ledger import HeldJob
 from .messages import ATTEMPT_HEADER, StoredMessage, attempt_of, copy_id
 from .store import Verdict
@@ -116,7 +118,10 @@ def admit(
         return None
 
     verdict = admission.verdict
+    if verdict is Verdict.START and admission.attempt > 1:
+        verdict = _unless_outcome_stored(supervisor, task, job_id, admission.attempt)
     if verdict is Verdict.START:
+        fault_point('admit.after_claim')
         if admission.attempt != attempt:
             logger.warning(
                 'Job %s copy %s comes back after its holder died before covering '
@@ -149,6 +154,25 @@ def admit(
         )
     message.ack()
     return None
+
+
+def _unless_outcome_stored(
+    supervisor: Supervisor, task: Any, job_id: str, attempt: int,
+) -> Verdict:
+    # A worker that died after storing a job's outcome and before claiming its
+    # completion leaves a job that looks unfinished; the backend knows better.
+    try:
+        meta = task.backend.get_task_meta(job_id, cache=False)
+    except Exception as exc:
+        logger.warning(
+            'Could not read the stored outcome of job %s (%r); starting attempt %d '
+            'anyway.', job_id, exc, attempt,
+        )
+        return Verdict.START
+    if meta.get('status') not in READY_STATES:
+        return Verdict.START
+    supervisor.store.finish(job_id, attempt, f'{supervisor.hostname}:stored')
+    return Verdict.FINISHED
 
 
 def _max_takeovers(task: Any, supervisor: Supervisor) -> int:

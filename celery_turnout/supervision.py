@@ -48,6 +48,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.message import Message
 
 from .errors import MalformedMessage
+from .faults import fault_point
 from .ledger import HeldJob, Ledger
 from .messages import (
     ATTEMPT_HEADER,
@@ -335,12 +336,14 @@ class Supervisor:
         for job in jobs:
             job.released = 'handed_off'
             self.stop_copy(job)
+        fault_point('handoff.after_stop')
         done = threading.Event()
 
         def command(session: _Session) -> None:
             for job in jobs:
                 self._redispatch(session, job.id, job.attempt, 'handed_off',
                                  f'worker {self.hostname} shut down')
+            fault_point('handoff.after_redispatch')
             for lane in session.lanes:
                 session.purge(lane)
             self._last_lane = None
@@ -501,6 +504,7 @@ class Supervisor:
         lane, previous = session.lanes[tick % 2], session.lanes[(tick + 1) % 2]
         now = time.time()
         session.publish(supervise_body(self.worker_id, tick), lane.name)
+        fault_point('tick.after_supervise')
         monitor = Monitor(
             owner=self.worker_id, lane=lane.name, control=session.control.name,
             tick=tick, due=now + self.settings.detection_bound,
@@ -510,7 +514,9 @@ class Supervisor:
             session.publish(monitor.to_body(), session.monitor.name)
         else:
             self._board.post_check(monitor.due, json.dumps(monitor.to_body()))
+        fault_point('tick.after_monitor')
         session.purge(previous)
+        fault_point('tick.after_purge')
         self._last_lane = lane
         self.proven_at = now
 
@@ -651,6 +657,7 @@ class Supervisor:
             owner=monitor.owner, by=self.worker_id, reason=reason, jobs=monitor.jobs,
         )
         session.publish(fence.to_body(), monitor.control)
+        fault_point('check.after_fence')
         logger.warning(
             'Worker %s stopped reading its supervise lane (tick %d was due %.1f s '
             'ago); worker %s takes over its %d job(s): %s.',
@@ -659,6 +666,7 @@ class Supervisor:
         )
         for job_id, attempt in monitor.jobs:
             self._redispatch(session, job_id, attempt, 'taken_over', reason)
+        fault_point('check.after_redispatch')
 
     def _redispatch(
         self, session: _Session, job_id: str, attempt: int, event: str, reason: str,

@@ -18,6 +18,7 @@ from celery.signals import worker_process_init
 from celery.states import STARTED
 
 from .errors import JobSuperseded
+from .faults import fault_point
 from .messages import ATTEMPT_HEADER, COPY_HEADER
 from .store import store_for
 
@@ -129,25 +130,55 @@ class TurnoutTask(Task):
         except (Retry, Ignore, Reject):
             raise
         except BaseException:
-            if not self._finish(store, job_id, attempt, worker):
-                raise Ignore() from None
+            self._drop_if_superseded(store, job_id, attempt, worker)
             raise
-        if not self._finish(store, job_id, attempt, worker):
-            raise Ignore()
+        self._drop_if_superseded(store, job_id, attempt, worker)
         return result
 
-    def _finish(self, store: Any, job_id: str, attempt: int, worker: str) -> bool:
-        if store.finish(job_id, attempt, worker):
-            store.log(job_id, {'event': 'finished', 'attempt': attempt,
-                               'worker': worker, 'at': time.time()})
-            logger.info('Job %s attempt %d finished on %s.', job_id, attempt, worker)
-            return True
+    def _drop_if_superseded(
+        self, store: Any, job_id: str, attempt: int, worker: str,
+    ) -> None:
+        if not store.superseded(job_id, attempt):
+            return
         logger.warning(
             'Job %s attempt %d ended on %s after a newer attempt took it over or '
             'it was cancelled; this copy\'s outcome is dropped so that it cannot '
             'overwrite the newer one.', job_id, attempt, worker,
         )
-        return False
+        raise Ignore()
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+        einfo: Any,
+    ) -> None:
+        """Mark a supervised job finished, once Celery has stored its outcome.
+
+        Claiming completion only after the outcome is stored means a worker that
+        dies in between leaves a job that looks unfinished: it may run once more
+        (admission drops it when the backend already holds its outcome), but its
+        result is never lost.
+        """
+        super().after_return(status, retval, task_id, args, kwargs, einfo)
+        attempt = getattr(self.request, ATTEMPT_HEADER, None)
+        if attempt is None or self.request.called_directly:
+            return
+        worker = self.request.hostname
+        store = store_for(self.app)
+        fault_point('finish.before_claim')
+        if store.finish(task_id, attempt, worker):
+            store.log(task_id, {'event': 'finished', 'attempt': attempt,
+                                'worker': worker, 'at': time.time(),
+                                'state': status})
+            logger.info(
+                'Job %s attempt %d finished on %s (%s).',
+                task_id, attempt, worker, status,
+            )
+        else:
+            logger.warning(
+                'Job %s attempt %d stored its outcome on %s just as a newer '
+                'attempt took it over; the newer attempt\'s outcome will replace '
+                'it.', task_id, attempt, worker,
+            )
 
 
 def turnout_task(app: Celery, *args: Any, **options: Any) -> Callable[..., Any]:
