@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 from celery import Celery
@@ -114,19 +114,8 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _run(broker: str | None, kill: bool, workers: list[Worker]) -> int:
     """Do the demo's steps, appending each worker it starts to ``workers``."""
-    if broker:
-        os.environ['EXAMPLE_BROKER_URL'] = broker
-    broker = os.environ.get('EXAMPLE_BROKER_URL', 'filesystem://')
-    if broker.startswith('filesystem://'):
-        # Queues left by an interrupted run would hand the new workers old jobs.
-        shutil.rmtree(var_dir() / 'local', ignore_errors=True)
-    # Imported only now: the app reads its broker from the environment set above.
-    app_module = importlib.import_module('example_project.app')
+    app_module = _load_app(broker)
     app: Celery = app_module.app
-    print('celery-turnout demo: a long job survives the death of its worker.')
-    print(f'Broker: {maybe_sanitize_url(broker)}; '
-          f'results: {maybe_sanitize_url(app.conf.result_backend)}')
-
     path = _ensure_ledger(var_dir() / 'ledger.csv')
     started = time.monotonic()
     expected = ledger.audit_history(ledger.read_ledger(path), CUSTOMER)
@@ -154,6 +143,28 @@ def _run(broker: str | None, kill: bool, workers: list[Worker]) -> int:
     value = _wait_for_result(job, timeout=3 * duration + 120)
     _print_timeline(history(app, job.id), killed, job.id)
     return _compare(value, expected)
+
+
+def _load_app(broker: str | None) -> ModuleType:
+    """Import the app module once the environment names the broker."""
+    if broker:
+        os.environ['EXAMPLE_BROKER_URL'] = broker
+    broker = os.environ.get('EXAMPLE_BROKER_URL', 'filesystem://')
+    if broker.startswith('filesystem://'):
+        # Queues left by an interrupted run would hand the new workers old jobs.
+        shutil.rmtree(var_dir() / 'local', ignore_errors=True)
+
+    # Imported only now: the app reads its broker from the environment set above.
+    app_module = importlib.import_module('example_project.app')
+    print('celery-turnout demo: a long job survives the death of its worker.')
+    print(f'Broker: {_masked(broker)}; '
+          f'results: {_masked(app_module.app.conf.result_backend)}')
+    return app_module
+
+
+def _masked(url: str) -> str:
+    """Hide the password in a URL that has one."""
+    return str(maybe_sanitize_url(url)) if '@' in url else url
 
 
 def _ensure_ledger(path: Path) -> Path:
