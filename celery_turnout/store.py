@@ -14,7 +14,10 @@ The store settles it. Whoever starts attempt ``a`` of a job first claims
 A finishing job claims its next attempt with a completion mark, so nothing can
 start it again and a late result of a superseded copy can be recognised and
 dropped. The store also keeps each job's initiating message (for a takeover),
-a cancel mark and a short history.
+a cancel mark, a short history, and what the job reported about itself: its
+latest progress and its checkpoint (the state a later attempt resumes from).
+Both are written only by an attempt that is still current, in the same atomic
+step that checks it.
 
 Two implementations share these semantics: :class:`RedisStore`, atomic through
 one Lua script, and :class:`FileStore`, a directory for the embedded broker,
@@ -32,9 +35,10 @@ import os
 import re
 import tempfile
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -94,7 +98,7 @@ class Store(ABC):
 
     @abstractmethod
     def finish(self, job: str, attempt: int, worker: str) -> bool:
-        """Mark ``job`` finished by ``attempt``; False if it was superseded."""
+        """Mark ``job`` finished by ``attempt``; False if superseded or cancelled."""
 
     @abstractmethod
     def superseded(self, job: str, attempt: int) -> bool:
@@ -119,6 +123,47 @@ class Store(ABC):
     @abstractmethod
     def history(self, job: str) -> list[dict[str, Any]]:
         """The events of ``job``, oldest first."""
+
+    # What a running job reports about itself. Each write names the attempt
+    # that makes it and is refused, atomically, once that attempt is
+    # superseded (a later attempt claimed the job, it finished or it was
+    # cancelled), so a zombie copy can never overwrite a newer attempt's.
+
+    @abstractmethod
+    def save_progress(
+        self, job: str, attempt: int, progress: Mapping[str, Any],
+    ) -> bool:
+        """Record the latest progress of ``job``, reported by ``attempt``.
+
+        Returns:
+            False, and nothing written, when ``attempt`` was superseded.
+        """
+
+    @abstractmethod
+    def save_checkpoint(
+        self, job: str, attempt: int, state: Any,
+        progress: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Record the resume state of ``job`` (and its progress, if given).
+
+        ``state`` must be JSON-serialisable; the record keeps it with the
+        attempt that saved it and the time.
+
+        Returns:
+            False, and nothing written, when ``attempt`` was superseded.
+        """
+
+    @abstractmethod
+    def progress(self, job: str) -> dict[str, Any] | None:
+        """The latest progress record of ``job``, or None."""
+
+    def progress_of(self, jobs: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The latest progress record of each of ``jobs``, in their order."""
+        return [self.progress(job) for job in jobs]
+
+    @abstractmethod
+    def checkpoint(self, job: str) -> dict[str, Any] | None:
+        """The last checkpoint of ``job``: ``state``, ``attempt`` and ``at``."""
 
     # The monitor board holds monitor messages until they come due, for brokers
     # that return a dead consumer's unacknowledged messages only much later
@@ -176,6 +221,25 @@ end
 """
 
 
+# A write by an attempt that is still current: neither its next attempt's
+# claim (a takeover or the completion mark) nor the cancel mark exists.
+_SAVE_CURRENT = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[1])
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[1]) end
+return 1
+"""
+
+# Completion is refused to a cancelled job; claiming it twice is harmless.
+_FINISH = """
+local holder = redis.call('GET', KEYS[1])
+if holder then return holder == ARGV[1] and 1 or 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
 _CLAIM_CHECKS = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, item in ipairs(due) do
@@ -196,6 +260,8 @@ class RedisStore(Store):
         self._client = redis.Redis.from_url(url)
         self._admit = self._client.register_script(_ADMIT)
         self._claim_checks = self._client.register_script(_CLAIM_CHECKS)
+        self._save_current = self._client.register_script(_SAVE_CURRENT)
+        self._finish = self._client.register_script(_FINISH)
         self._board = f'{prefix}:monitor-board'
 
     def _key(self, job: str, name: str) -> str:
@@ -214,11 +280,9 @@ class RedisStore(Store):
         return Admission(Verdict(_text(verdict)), int(started), _text(holder))
 
     def finish(self, job: str, attempt: int, worker: str) -> bool:
-        key = self._key(job, f'claim:{attempt + 1}')
+        keys = [self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel')]
         mark = f'{DONE}{worker}:{attempt}'
-        if self._client.set(key, mark, nx=True, ex=self.ttl):
-            return True
-        return _text(self._client.get(key) or b'') == mark
+        return bool(self._finish(keys=keys, args=[mark, self.ttl]))
 
     def superseded(self, job: str, attempt: int) -> bool:
         keys = (self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel'))
@@ -247,6 +311,42 @@ class RedisStore(Store):
     def history(self, job: str) -> list[dict[str, Any]]:
         rows = self._client.lrange(self._key(job, 'history'), 0, -1)
         return [json.loads(row) for row in rows]
+
+    def save_progress(
+        self, job: str, attempt: int, progress: Mapping[str, Any],
+    ) -> bool:
+        return self._save(job, attempt, [('progress', dict(progress))])
+
+    def save_checkpoint(
+        self, job: str, attempt: int, state: Any,
+        progress: Mapping[str, Any] | None = None,
+    ) -> bool:
+        records = [('checkpoint', _checkpoint_record(attempt, state))]
+        if progress is not None:
+            records.append(('progress', dict(progress)))
+        return self._save(job, attempt, records)
+
+    def _save(
+        self, job: str, attempt: int, records: list[tuple[str, dict[str, Any]]],
+    ) -> bool:
+        keys = [self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel')]
+        keys += [self._key(job, name) for name, _ in records]
+        args = [self.ttl, *(json.dumps(record) for _, record in records)]
+        return bool(self._save_current(keys=keys, args=args))
+
+    def progress(self, job: str) -> dict[str, Any] | None:
+        return _loads(self._client.get(self._key(job, 'progress')))
+
+    def progress_of(self, jobs: Sequence[str]) -> list[dict[str, Any] | None]:
+        # One round trip for any number of jobs; a pipeline rather than MGET,
+        # since each job's keys live in a hash slot of their own.
+        pipe = self._client.pipeline(transaction=False)
+        for job in jobs:
+            pipe.get(self._key(job, 'progress'))
+        return [_loads(row) for row in pipe.execute()]
+
+    def checkpoint(self, job: str) -> dict[str, Any] | None:
+        return _loads(self._client.get(self._key(job, 'checkpoint')))
 
     def post_check(self, due: float, body: str) -> None:
         self._client.zadd(self._board, {body: due})
@@ -320,10 +420,12 @@ class FileStore(Store):
         with self._locked(job) as folder:
             path = os.path.join(folder, f'claim.{attempt + 1}')
             holder = _read(path)
-            if holder is None:
-                _write(path, mark)
-                return True
-            return holder == mark
+            if holder is not None:
+                return holder == mark
+            if os.path.exists(os.path.join(folder, 'cancel')):
+                return False
+            _write(path, mark)
+            return True
 
     def superseded(self, job: str, attempt: int) -> bool:
         folder = self._folder(job)
@@ -356,6 +458,40 @@ class FileStore(Store):
                 return [json.loads(line) for line in file if line.strip()]
         except FileNotFoundError:
             return []
+
+    def save_progress(
+        self, job: str, attempt: int, progress: Mapping[str, Any],
+    ) -> bool:
+        return self._save(job, attempt, [('progress', dict(progress))])
+
+    def save_checkpoint(
+        self, job: str, attempt: int, state: Any,
+        progress: Mapping[str, Any] | None = None,
+    ) -> bool:
+        records = [('checkpoint', _checkpoint_record(attempt, state))]
+        if progress is not None:
+            records.append(('progress', dict(progress)))
+        return self._save(job, attempt, records)
+
+    def _save(
+        self, job: str, attempt: int, records: list[tuple[str, dict[str, Any]]],
+    ) -> bool:
+        encoded = [(name, json.dumps(record)) for name, record in records]
+        with self._locked(job) as folder:
+            if any(
+                os.path.exists(os.path.join(folder, name))
+                for name in (f'claim.{attempt + 1}', 'cancel')
+            ):
+                return False
+            for name, data in encoded:
+                _write(os.path.join(folder, name), data)
+            return True
+
+    def progress(self, job: str) -> dict[str, Any] | None:
+        return _loads(_read(os.path.join(self._folder(job), 'progress')))
+
+    def checkpoint(self, job: str) -> dict[str, Any] | None:
+        return _loads(_read(os.path.join(self._folder(job), 'checkpoint')))
 
     def post_check(self, due: float, body: str) -> None:
         os.makedirs(self._board, exist_ok=True)
@@ -450,6 +586,17 @@ def _board_due(name: str) -> float | None:
         return float(name.partition('_')[0])
     except ValueError:
         return None
+
+
+def _checkpoint_record(attempt: int, state: Any) -> dict[str, Any]:
+    return {'attempt': attempt, 'at': time.time(), 'state': state}
+
+
+def _loads(data: bytes | str | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    record = json.loads(data)
+    return record if isinstance(record, dict) else None
 
 
 def _text(value: bytes | str) -> str:

@@ -75,6 +75,48 @@ def the_history_keeps_events_in_order(store: Store) -> None:
         'started', 'covered', 'finished']
 
 
+def a_cancelled_job_cannot_be_marked_finished(store: Store) -> None:
+    admit(store)
+    store.cancel('job-1', 'operator asked')
+    assert not store.finish('job-1', 1, 'w1')
+    assert admit(store, attempt=2, copy='takeover-copy').verdict is Verdict.CANCELLED
+
+
+def progress_and_checkpoints_are_kept_for_the_next_attempt(store: Store) -> None:
+    admit(store)
+    assert store.progress('job-1') is None and store.checkpoint('job-1') is None
+    assert store.save_progress('job-1', 1, {'done': 3, 'total': 10, 'attempt': 1})
+    assert store.save_checkpoint('job-1', 1, {'row': 4}, {'done': 4, 'attempt': 1})
+
+    admit(store, attempt=2, copy='takeover-copy')
+    assert store.progress('job-1') == {'done': 4, 'attempt': 1}
+    checkpoint = store.checkpoint('job-1')
+    assert checkpoint is not None
+    assert (checkpoint['state'], checkpoint['attempt']) == ({'row': 4}, 1)
+    assert store.progress_of(['job-1', 'job-2']) == [{'done': 4, 'attempt': 1}, None]
+
+
+def a_superseded_attempt_can_write_neither_progress_nor_checkpoints(
+    store: Store,
+) -> None:
+    admit(store)
+    admit(store, attempt=2, copy='takeover-copy')
+    assert store.save_progress('job-1', 2, {'done': 1, 'attempt': 2})
+    assert not store.save_progress('job-1', 1, {'done': 9, 'attempt': 1})
+    assert not store.save_checkpoint('job-1', 1, {'row': 9}, {'done': 9})
+    assert store.progress('job-1') == {'done': 1, 'attempt': 2}
+    assert store.checkpoint('job-1') is None
+
+
+def a_finished_or_cancelled_job_takes_no_more_progress(store: Store) -> None:
+    admit(store)
+    store.finish('job-1', 1, 'w1')
+    assert not store.save_progress('job-1', 1, {'done': 1})
+    admit(store, job='job-2')
+    store.cancel('job-2', 'operator asked')
+    assert not store.save_checkpoint('job-2', 1, {'row': 1})
+
+
 def a_check_is_claimed_once_when_due_and_again_after_its_lease(store: Store) -> None:
     now = time.time()
     store.post_check(now + 5, json.dumps({'tick': 1}))
@@ -101,4 +143,8 @@ CONTRACT = [
     an_attempt_past_the_last_one_is_exhausted_and_claims_nothing,
     the_history_keeps_events_in_order,
     a_check_is_claimed_once_when_due_and_again_after_its_lease,
+    a_cancelled_job_cannot_be_marked_finished,
+    progress_and_checkpoints_are_kept_for_the_next_attempt,
+    a_superseded_attempt_can_write_neither_progress_nor_checkpoints,
+    a_finished_or_cancelled_job_takes_no_more_progress,
 ]
