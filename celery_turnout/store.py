@@ -331,7 +331,8 @@ class RedisStore(Store):
     ) -> bool:
         keys = [self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel')]
         keys += [self._key(job, name) for name, _ in records]
-        args = [self.ttl, *(json.dumps(record) for _, record in records)]
+        args: list[str | int] = [self.ttl]
+        args += [json.dumps(record) for _, record in records]
         return bool(self._save_current(keys=keys, args=args))
 
     def progress(self, job: str) -> dict[str, Any] | None:
