@@ -62,7 +62,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
         task_queues=[
             Queue(task_queue, queue_arguments={"x-expires": QUEUE_EXPIRES_MS}),
         ],
-        worker_hijack_root_logger=True,
+        # Long jobs: a worker reserves no more jobs than it can start at once.
+        worker_prefetch_multiplier=1,
         turnout_supervise_interval=float(env.get("TURNOUT_IT_INTERVAL", "1")),
         turnout_store_url=env.get("TURNOUT_IT_STORE_URL", "redis://127.0.0.1:6379/3"),
         turnout_queue_prefix=env.get("TURNOUT_IT_QUEUE_PREFIX", "turnout-it"),
