@@ -7,13 +7,14 @@ from typing import Any
 from celery import Celery
 
 from . import control as _control  # noqa: F401  (registers inspect turnout-jobs)
-from .errors import JobExhausted, JobSuperseded, TurnoutError
+from .cancellation import cancel
+from .errors import JobExhausted, JobStalled, JobSuperseded, TurnoutError
 from .store import store_for
 from .task import TurnoutTask, turnout_task
 
 __all__ = [
-    'JobExhausted', 'JobSuperseded', 'TurnoutError', 'TurnoutTask', 'history',
-    'turnout_task',
+    'JobExhausted', 'JobStalled', 'JobSuperseded', 'TurnoutError', 'TurnoutTask',
+    'cancel', 'checkpoint', 'history', 'progress', 'turnout_task',
 ]
 __version__ = '0.1.0'
 
@@ -23,7 +24,27 @@ def history(app: Celery, job_id: str) -> list[dict[str, Any]]:
 
     Each event is a dict with ``event`` (``'started'``, ``'covered'``,
     ``'taken_over'``, ``'handed_off'``, ``'child_lost'``, ``'fenced'``,
-    ``'finished'`` or ``'failed'``), ``attempt``, ``worker`` and ``at`` (epoch
+    ``'finished'``, ``'failed'``, ``'stalled'``, ``'restarted'``,
+    ``'cancelled'`` or ``'revoked'``), ``attempt``, ``worker`` and ``at`` (epoch
     seconds), plus details such as ``reason`` or ``by``.
     """
     return store_for(app).history(job_id)
+
+
+def progress(app: Celery, job_id: str) -> dict[str, Any] | None:
+    """The latest progress a job saved, or None.
+
+    A dict with ``done``, ``total``, ``note``, ``attempt`` (the attempt that
+    reported it), ``at`` (when it was written) and ``moved`` (when it last
+    changed), as epoch seconds.
+    """
+    return store_for(app).progress(job_id)
+
+
+def checkpoint(app: Celery, job_id: str) -> dict[str, Any] | None:
+    """The last checkpoint a job saved, or None.
+
+    A dict with ``state`` (what the job passed to ``self.checkpoint``),
+    ``attempt`` and ``at`` (epoch seconds).
+    """
+    return store_for(app).checkpoint(job_id)

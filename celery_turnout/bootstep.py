@@ -52,6 +52,8 @@ class Supervision(bootsteps.StartStopStep):
         if self.supervisor is None:
             self.supervisor = self._create(c)
             self.supervisor.start()
+        # The Events step makes a new dispatcher on every connection.
+        self.supervisor.event_dispatcher = getattr(c, 'event_dispatcher', None)
         self._timer = c.timer.call_repeatedly(
             MAIN_THREAD_PERIOD, self.supervisor.run_pending_calls,
         )

@@ -33,3 +33,12 @@ class JobSuperseded(TurnoutError):
     Raised inside a job by :meth:`~celery_turnout.TurnoutTask.raise_if_superseded`
     so that a copy running on a worker that was presumed dead stops early.
     """
+
+
+class JobStalled(TurnoutError):
+    """A job's progress did not move for its ``stall_timeout``.
+
+    Stored as the job's ``FAILURE`` result when the task's ``on_stall`` option
+    is ``'fail'``; the message names the job, the attempt, the worker and how
+    long the progress stood still.
+    """

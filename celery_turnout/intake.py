@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery
-from celery.states import READY_STATES
+from celery.exceptions import Ignore, Reject, Retry
+from celery.states import FAILURE, READY_STATES, SUCCESS
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 from kombu.message import Message
 
 from .errors import JobExhausted, MalformedMessage
+from .events import announce_now
 from .faults import fault_point
 from .ledger import HeldJob
 from .messages import ATTEMPT_HEADER, StoredMessage, attempt_of, copy_id
@@ -191,11 +193,16 @@ def _fail_exhausted(
         f'{_max_takeovers(task, supervisor)} takeover(s)'
     )
     logger.error('Job %s fails for good: %s.', job_id, exc)
+    # The completion mark fences the last attempt: should its copy still be
+    # running (a paused owner), its progress and its outcome are refused.
+    supervisor.store.finish(job_id, attempt - 1, f'{supervisor.hostname}:exhausted')
     task.backend.mark_as_failure(job_id, exc)
     supervisor.store.log(job_id, {
         'event': 'failed', 'attempt': attempt - 1, 'worker': supervisor.hostname,
         'at': time.time(), 'reason': str(exc),
     })
+    announce_now(supervisor, 'finished', job_id, attempt - 1, task.name,
+                 worker=supervisor.hostname, state=FAILURE)
 
 
 def _requeue(message: Message) -> None:
@@ -225,6 +232,17 @@ class TurnoutRequest(Request):
         self.turnout_job = job
         # The pool process reads the attempt from here, not from the message.
         self._request_dict[ATTEMPT_HEADER] = job.attempt
+        # Celery builds a request class per task whose own on_success would
+        # hide an override here, so the hook goes on the instance.
+        self._celery_on_success = self.on_success
+        self.__dict__['on_success'] = self._on_success
+
+    def _on_success(self, outcome: Any, **kwargs: Any) -> None:
+        self._celery_on_success(outcome, **kwargs)
+        job, supervisor = self.turnout_job, supervisor_of(self._app)
+        if not outcome[0] and job is not None and supervisor is not None:
+            announce_now(supervisor, 'finished', job.id, job.attempt, job.task,
+                         worker=supervisor.hostname, state=SUCCESS)
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         """A pool process took the job (runs in the worker's main process)."""
@@ -271,5 +289,8 @@ class TurnoutRequest(Request):
             return None
 
         supervisor.ledger.discard(job)
+        if not isinstance(exc, (Ignore, Retry, Reject, Terminated)):
+            announce_now(supervisor, 'finished', job.id, job.attempt, job.task,
+                         worker=supervisor.hostname, state=FAILURE)
         return super().on_failure(exc_info, send_failed_event, return_ok)
 

@@ -26,8 +26,13 @@ class HeldJob:
         seen: True once Celery listed its request as reserved, scheduled or
             active; a seen job that left those lists has finished.
         released: Why this worker gave the job up (``'fenced'``,
-            ``'handed_off'``, ``'requeued'``, ``'cancelled'``), or None while it
-            is held.
+            ``'handed_off'``, ``'requeued'``, ``'cancelled'``, ``'stalled'``),
+            or None while it is held.
+        progress: The latest progress record the store holds for the job, as
+            the supervision thread last read it (an earlier attempt's until
+            this one reports).
+        stall_reported: When the progress last moved before the stall that
+            was last reported, so that each stall is reported once.
     """
 
     id: str
@@ -40,6 +45,8 @@ class HeldJob:
     covered: bool = False
     seen: bool = False
     released: str | None = None
+    progress: dict[str, Any] | None = None
+    stall_reported: float | None = None
 
     def describe(self, owner: str, proven: float | None) -> dict[str, Any]:
         """The job as ``inspect turnout-jobs`` reports it."""
@@ -48,7 +55,15 @@ class HeldJob:
             'owner': owner, 'started': self.started or self.received,
             'proven': proven if self.covered else None,
             'state': 'running' if self.started else 'queued',
+            'progress': _public(self.progress),
         }
+
+
+def _public(progress: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not progress:
+        return None
+    keys = ('done', 'total', 'note', 'attempt', 'at', 'moved')
+    return {key: progress.get(key) for key in keys}
 
 
 class Ledger:

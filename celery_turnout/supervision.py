@@ -48,6 +48,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.message import Message
 
 from .errors import MalformedMessage
+from .events import announce, announce_now
 from .faults import fault_point
 from .ledger import HeldJob, Ledger
 from .messages import (
@@ -58,6 +59,7 @@ from .messages import (
     StoredMessage,
     supervise_body,
 )
+from .progress import ProgressWatch
 from .settings import Settings
 from .store import Store
 
@@ -221,6 +223,10 @@ class Supervisor:
         self.accept = list(app.conf.accept_content or [self.serializer])
         #: When the last tick proved this worker alive (epoch seconds).
         self.proven_at: float | None = None
+        #: The worker's Celery event dispatcher, set by the bootstep on each
+        #: connection; it sends turnout's events when the worker runs with -E.
+        self.event_dispatcher: Any = None
+        self.progress_watch = ProgressWatch(self, self._redispatch)
 
         self._calls: deque[Callable[[], None]] = deque()
         self._commands: queue.SimpleQueue[Callable[[_Session], None]] = (
@@ -279,6 +285,9 @@ class Supervisor:
         job.seen = True
         if job.released is not None:
             self._kill(job, pid)
+            return
+        announce_now(self, 'started', job.id, job.attempt, job.task,
+                     worker=self.hostname)
 
     def _kill(self, job: HeldJob, pid: int) -> None:
         try:
@@ -455,6 +464,7 @@ class Supervisor:
                 if time.monotonic() >= self._next_tick:
                     self._tick(session)
                     self._schedule_tick()
+                    self.progress_watch.poll(session)
                 self._check_due(session)
                 try:
                     connection.drain_events(timeout=self._wait_time())
@@ -573,6 +583,8 @@ class Supervisor:
                 job_id, job.attempt, fence.by, fence.reason,
             )
             self.release(job, 'fenced', by=fence.by)
+            announce(self, 'fenced', job.id, job.attempt, job.task,
+                     worker=self.hostname, by=fence.by, reason=fence.reason)
 
     # checker side
 
@@ -701,6 +713,8 @@ class Supervisor:
             'Re-dispatched job %s (%s) as attempt %d to %r: %s.',
             job_id, stored.task, attempt + 1, stored.routing_key, reason,
         )
+        announce(self, 'taken_over', job_id, attempt + 1, stored.task,
+                 worker=self.hostname, cause=event, reason=reason)
 
     def _event(self, name: str, attempt: int, **detail: Any) -> dict[str, Any]:
         return {'event': name, 'attempt': attempt, 'worker': self.hostname,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -17,12 +18,18 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_process_init
 from celery.states import STARTED
 
-from .errors import JobSuperseded
+from . import signals
+from .errors import ImproperlyConfigured, JobSuperseded
 from .faults import fault_point
 from .messages import ATTEMPT_HEADER, COPY_HEADER
+from .progress import STALL_ACTIONS, Reporter
 from .store import store_for
 
 logger = logging.getLogger(__name__)
+
+#: Largest checkpoint, in bytes of JSON: a checkpoint says where to resume,
+#: it does not carry the work itself.
+MAX_CHECKPOINT_BYTES = 64 * 1024
 
 
 class TurnoutTask(Task):
@@ -37,6 +44,9 @@ class TurnoutTask(Task):
     Inside a job, :attr:`attempt` is the attempt number; code with side
     effects outside Celery can use ``(self.request.id, self.attempt)`` as a
     fencing token, and long loops can call :meth:`raise_if_superseded`.
+    :meth:`progress` reports how far the job got, :meth:`checkpoint` saves
+    where a later attempt should resume, and :attr:`resume_state` gives it
+    back.
     """
 
     Request = 'celery_turnout.intake:TurnoutRequest'
@@ -55,11 +65,38 @@ class TurnoutTask(Task):
     #: supervises at the shortest interval any of its turnout tasks asks for.
     #: None uses turnout_supervise_interval.
     supervise_interval: float | None = None
+    #: Seconds the job's progress may stand still before the job counts as
+    #: stalled; None never does. Measured from the attempt's start until the
+    #: first :meth:`progress` call.
+    stall_timeout: float | None = None
+    #: What a stall does besides a warning and a ``turnout-job-stalled`` event:
+    #: ``'report'`` nothing more, ``'restart'`` stops the copy and runs the job
+    #: again as its next attempt, ``'fail'`` stops it and ends the job
+    #: ``FAILURE`` with :class:`~celery_turnout.errors.JobStalled`.
+    on_stall: str = 'report'
 
     @classmethod
     def on_bound(cls, app: Celery) -> None:
-        """Install the supervision bootstep when the task joins an app."""
+        """Check the turnout options and install the supervision bootstep.
+
+        Raises:
+            ImproperlyConfigured: ``stall_timeout`` or ``on_stall`` is invalid.
+        """
         super().on_bound(app)
+        timeout = cls.stall_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or timeout <= 0
+        ):
+            raise ImproperlyConfigured(
+                f'task {cls.name}: stall_timeout is {timeout!r}; use a positive '
+                'number of seconds or None.'
+            )
+        if cls.on_stall not in STALL_ACTIONS:
+            raise ImproperlyConfigured(
+                f'task {cls.name}: on_stall is {cls.on_stall!r}; use one of '
+                f'{STALL_ACTIONS}.'
+            )
         install(app)
 
     @property
@@ -86,6 +123,90 @@ class TurnoutTask(Task):
                 f'job {self.request.id} attempt {self.attempt} was taken over '
                 'or cancelled'
             )
+
+    def progress(
+        self, done: float, total: float | None = None, note: str | None = None,
+    ) -> None:
+        """Report how far the job got; cheap enough for a hot loop.
+
+        The value is written at most about once a second (and always when the
+        job ends or saves a checkpoint): to the turnout store, where ``celery
+        inspect turnout-jobs`` and the next attempt find it, and to the result
+        backend as state ``PROGRESS`` with meta ``{done, total, note,
+        attempt}``, which ``AsyncResult(job_id).info`` returns. Outside a
+        worker it does nothing.
+
+        Args:
+            done: Units of work done so far.
+            total: Units of work in all, if known.
+            note: A short word on what the job is doing.
+
+        Raises:
+            JobSuperseded: another attempt took the job over, or it was
+                cancelled: this copy must stop.
+        """
+        reporter = self._reporter()
+        if reporter is not None:
+            reporter.report(done, total, note)
+
+    def checkpoint(self, state: Any) -> None:
+        """Save where a later attempt should resume, durably, in the turnout store.
+
+        The next attempt of the job, after a takeover, finds ``state`` in
+        :attr:`resume_state`. The latest progress is saved with it.
+
+        Args:
+            state: A small JSON-serialisable value (at most
+                :data:`MAX_CHECKPOINT_BYTES` as JSON).
+
+        Raises:
+            JobSuperseded: another attempt took the job over, or it was
+                cancelled: the checkpoint is refused and this copy must stop.
+            TypeError: ``state`` is not JSON-serialisable.
+            ValueError: ``state`` is too large.
+        """
+        try:
+            size = len(json.dumps(state))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f'a checkpoint must be JSON-serialisable: {exc}') from exc
+        if size > MAX_CHECKPOINT_BYTES:
+            raise ValueError(
+                f'a checkpoint of {size} bytes is larger than the '
+                f'{MAX_CHECKPOINT_BYTES} bytes allowed; save where to resume, '
+                'not the work itself'
+            )
+        reporter = self._reporter()
+        if reporter is None:
+            return
+        job_id, attempt = self.request.id, reporter.attempt
+        progress = reporter.record() if reporter.value is not None else None
+        if not reporter.store.save_checkpoint(job_id, attempt, state, progress):
+            raise JobSuperseded(
+                f'job {job_id} attempt {attempt} was taken over, finished or '
+                'cancelled; its checkpoint is refused'
+            )
+        logger.debug(
+            'Job %s attempt %d saved a checkpoint on %s.',
+            job_id, attempt, self.request.hostname,
+        )
+        if progress is not None:
+            reporter.written()
+        signals.job_checkpointed.send(
+            sender=self, job_id=job_id, attempt=attempt, state=state,
+        )
+
+    @property
+    def resume_state(self) -> Any:
+        """The last checkpoint an earlier attempt saved; None on the first attempt.
+
+        Read once as the attempt starts: the attempt's own checkpoints are for
+        the attempt after it.
+        """
+        return getattr(self.request, 'turnout_resume_state', None)
+
+    def _reporter(self) -> Reporter | None:
+        reporter: Reporter | None = getattr(self.request, 'turnout_progress', None)
+        return reporter
 
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
@@ -121,19 +242,44 @@ class TurnoutTask(Task):
             )
             raise Ignore()
 
+        reporter = self._resume(store, job_id, attempt, worker)
         if not self.request.ignore_result:
             self.update_state(state=STARTED, meta={
                 'attempt': attempt, 'worker': worker, 'pid': os.getpid(),
+                **(reporter.meta() if reporter.value is not None else {}),
             })
         try:
             result = super().__call__(*args, **kwargs)
         except (Retry, Ignore, Reject):
+            reporter.flush()
             raise
         except BaseException:
+            reporter.flush()
             self._drop_if_superseded(store, job_id, attempt, worker)
             raise
+        reporter.flush()
         self._drop_if_superseded(store, job_id, attempt, worker)
         return result
+
+    def _resume(self, store: Any, job_id: str, attempt: int, worker: str) -> Reporter:
+        # What an earlier attempt left: its last progress and checkpoint.
+        progress = checkpoint = None
+        if attempt > 1:
+            progress, checkpoint = store.progress(job_id), store.checkpoint(job_id)
+        if progress is not None and int(progress.get('attempt') or 0) >= attempt:
+            progress = None
+        if checkpoint is not None and int(checkpoint.get('attempt') or 0) < attempt:
+            self.request.turnout_resume_state = checkpoint.get('state')
+            logger.info(
+                'Job %s attempt %d on %s resumes from the checkpoint attempt %d '
+                'saved %.0f s ago.', job_id, attempt, worker, checkpoint['attempt'],
+                time.time() - float(checkpoint.get('at') or 0),
+            )
+        else:
+            self.request.turnout_resume_state = None
+        reporter = Reporter(self, store, job_id, attempt, progress)
+        self.request.turnout_progress = reporter
+        return reporter
 
     def _drop_if_superseded(
         self, store: Any, job_id: str, attempt: int, worker: str,

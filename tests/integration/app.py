@@ -11,6 +11,7 @@ worker processes and the test process build the same app from the same mapping:
 - ``TURNOUT_IT_TASK_QUEUE``: the queue jobs are sent to, unique per test.
 - ``TURNOUT_IT_INTERVAL``: ``turnout_supervise_interval`` in seconds.
 - ``TURNOUT_IT_RECORDS``: the directory where jobs write what they did.
+- ``TURNOUT_IT_TASK_EVENTS``: ``1`` makes workers send events, as ``-E`` does.
 
 Each job appends one JSON line per event (``start``, ``finish``) to
 ``<records>/<job id>.jsonl``, so a test can see every attempt of a job, on which
@@ -28,6 +29,7 @@ from typing import Any
 
 from celery import Celery, Task
 from kombu import Queue
+from progress_jobs import register_progress_jobs
 
 from celery_turnout import turnout_task
 
@@ -68,6 +70,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
         turnout_store_url=env.get("TURNOUT_IT_STORE_URL", "redis://127.0.0.1:6379/3"),
         turnout_queue_prefix=env.get("TURNOUT_IT_QUEUE_PREFIX", "turnout-it"),
         turnout_monitor_queue_expires=QUEUE_EXPIRES_MS / 1000,
+        worker_send_task_events=env.get("TURNOUT_IT_TASK_EVENTS") == "1",
     )
     records = Path(env.get("TURNOUT_IT_RECORDS", "records"))
     _register_jobs(app, records)
@@ -77,7 +80,7 @@ def create_app(env: Mapping[str, str]) -> Celery:
 def _register_jobs(app: Celery, records: Path) -> None:
     """Register the jobs the tests send, writing their records under ``records``."""
 
-    def record(task: Task, event: str) -> None:
+    def record(task: Task, event: str, **fields: Any) -> None:
         line = {
             "job": task.request.id,
             "attempt": getattr(task, "attempt", None),
@@ -85,6 +88,7 @@ def _register_jobs(app: Celery, records: Path) -> None:
             "pid": os.getpid(),
             "event": event,
             "time": time.time(),
+            **fields,
         }
         records.mkdir(parents=True, exist_ok=True)
         path = records / f"{task.request.id}.jsonl"
@@ -135,6 +139,8 @@ def _register_jobs(app: Celery, records: Path) -> None:
             time.sleep(STEP)
         record(self, "finish")
         return outcome(self, seconds)
+
+    register_progress_jobs(app, record)
 
 
 app = create_app(os.environ)
