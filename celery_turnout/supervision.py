@@ -350,8 +350,10 @@ class Supervisor:
 
         def command(session: _Session) -> None:
             for job in jobs:
-                self._redispatch(session, job.id, job.attempt, 'handed_off',
-                                 f'worker {self.hostname} shut down')
+                self._redispatch(
+                    session, job.id, job.attempt, 'handed_off',
+                    f'worker {self.hostname} shut down', by=self.hostname,
+                )
             fault_point('handoff.after_redispatch')
             for lane in session.lanes:
                 session.purge(lane)
@@ -381,7 +383,9 @@ class Supervisor:
         The job stays held (and so supervised) until the copy is published.
         """
         def command(session: _Session) -> None:
-            self._redispatch(session, job.id, job.attempt, 'child_lost', reason)
+            self._redispatch(
+                session, job.id, job.attempt, 'child_lost', reason, by=self.hostname,
+            )
             self.call_soon(then)
 
         self._commands.put(command)
@@ -676,13 +680,23 @@ class Supervisor:
             monitor.owner, monitor.tick, time.time() - monitor.due, self.worker_id,
             len(monitor.jobs), ', '.join(f'{j} attempt {a}' for j, a in monitor.jobs),
         )
+        lost = monitor.owner.rpartition('.')[0] or monitor.owner
         for job_id, attempt in monitor.jobs:
-            self._redispatch(session, job_id, attempt, 'taken_over', reason)
+            self._redispatch(
+                session, job_id, attempt, 'taken_over', reason,
+                worker=lost, by=self.hostname,
+            )
         fault_point('check.after_redispatch')
 
     def _redispatch(
         self, session: _Session, job_id: str, attempt: int, event: str, reason: str,
+        **detail: Any,
     ) -> None:
+        """Publish ``job_id`` again as ``attempt + 1`` and record ``event``.
+
+        ``detail`` goes into the history event; ``worker`` there names the
+        worker that lost the job and ``by`` the one that re-dispatched it.
+        """
         if self.store.superseded(job_id, attempt):
             logger.info(
                 'Job %s attempt %d is already finished, cancelled or superseded; '
@@ -708,7 +722,9 @@ class Supervisor:
             headers=headers, content_type=stored.content_type,
             content_encoding=stored.content_encoding, **stored.properties,
         )
-        self.store.log(job_id, self._event(event, attempt + 1, reason=reason))
+        self.store.log(
+            job_id, self._event(event, attempt + 1, reason=reason, **detail),
+        )
         logger.warning(
             'Re-dispatched job %s (%s) as attempt %d to %r: %s.',
             job_id, stored.task, attempt + 1, stored.routing_key, reason,
@@ -717,8 +733,10 @@ class Supervisor:
                  worker=self.hostname, cause=event, reason=reason)
 
     def _event(self, name: str, attempt: int, **detail: Any) -> dict[str, Any]:
-        return {'event': name, 'attempt': attempt, 'worker': self.hostname,
-                'at': time.time(), **detail}
+        event = {'event': name, 'attempt': attempt, 'worker': self.hostname,
+                 'at': time.time()}
+        event.update(detail)
+        return event
 
 
 _supervisors: weakref.WeakKeyDictionary[Celery, Supervisor] = (
