@@ -36,15 +36,9 @@ def register_progress_jobs(app: Celery, record: Record) -> None:
         return {"job": task.request.id, "attempt": getattr(task, "attempt", None),
                 "worker": task.request.hostname, **fields}
 
-    @turnout_task(app, name="it.counter", bind=True)
-    def counter(
-        self: Task, steps: int, seconds: float, checkpoint: bool = False
+    def count(
+        self: Task, steps: int, seconds: float, checkpoint: bool
     ) -> dict[str, Any]:
-        """Add up 0 .. steps-1, one step every ``seconds``, reporting progress.
-
-        With ``checkpoint``, it saves ``{next, sum}`` after every step and a
-        later attempt resumes from there, so no step is counted twice.
-        """
         state = (self.resume_state if checkpoint else None) or {"next": 0, "sum": 0}
         record(self, "start", resumed_from=state["next"])
         total = state["sum"]
@@ -57,6 +51,22 @@ def register_progress_jobs(app: Celery, record: Record) -> None:
                 self.checkpoint({"next": step + 1, "sum": total})
         record(self, "finish")
         return outcome(self, sum=total, resumed_from=state["next"])
+
+    @turnout_task(app, name="it.counter", bind=True)
+    def counter(
+        self: Task, steps: int, seconds: float, checkpoint: bool = False
+    ) -> dict[str, Any]:
+        """Add up 0 .. steps-1, one step every ``seconds``, reporting progress.
+
+        With ``checkpoint``, it saves ``{next, sum}`` after every step and a
+        later attempt resumes from there, so no step is counted twice.
+        """
+        return count(self, steps, seconds, checkpoint)
+
+    @turnout_task(app, name="it.fragile_counter", bind=True, max_takeovers=0)
+    def fragile_counter(self: Task, steps: int, seconds: float) -> dict[str, Any]:
+        """Count like ``it.counter``, but fail for good when its owner is lost."""
+        return count(self, steps, seconds, False)
 
     @turnout_task(
         app, name="it.stall_restarter", bind=True, stall_timeout=STALL_TIMEOUT,

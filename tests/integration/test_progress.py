@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from harness import Cluster, wait_for
+from harness import APP_DIR, Cluster, celery_cli, wait_for, worker_environment
 
 import celery_turnout
 
 pytestmark = pytest.mark.integration
+
+#: Seconds allowed for an owner's death to show as the next attempt's start.
+TAKEOVER_TIMEOUT = 15.0
 
 
 def listed_progress(cluster: Cluster, job_id: str) -> dict[str, Any] | None:
@@ -22,9 +29,41 @@ def listed_progress(cluster: Cluster, job_id: str) -> dict[str, Any] | None:
     return None
 
 
-def test_progress_shows_in_inspect_and_in_the_result_backend(cluster: Cluster) -> None:
+def wait_until_covered(cluster: Cluster, job_id: str) -> None:
+    """Wait until supervision covers the job, so that a takeover can find it."""
+    wait_for(
+        lambda: any(
+            e["event"] == "covered" for e in celery_turnout.history(cluster.app, job_id)
+        ),
+        timeout=3 * cluster.interval + 5,
+        what=f"job {job_id} to be covered by supervision",
+    )
+
+
+def start_watch(env: Mapping[str, str], job_id: str) -> subprocess.Popen[str]:
+    """Start ``celery turnout watch JOB_ID --json`` like a user would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "app", "turnout", "watch", job_id,
+         "--json", "--timeout", "60"],
+        env=worker_environment(env), cwd=APP_DIR, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def finish_watch(watch: subprocess.Popen[str]) -> tuple[int, list[dict[str, Any]]]:
+    """Wait for a watch to exit; return its status and the updates it printed."""
+    out, err = watch.communicate(timeout=90)
+    updates = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert updates, f"watch printed nothing; stderr:\n{err}"
+    return watch.returncode, updates
+
+
+def test_progress_shows_in_inspect_the_result_backend_and_the_cli(
+    cluster: Cluster,
+) -> None:
     cluster.start(1)
     job = cluster.send("it.counter", 8, 0.5)
+    watch = start_watch(cluster.env, job.id)
 
     info = wait_for(
         lambda: job.state == "PROGRESS" and job.info,
@@ -40,8 +79,76 @@ def test_progress_shows_in_inspect_and_in_the_result_backend(cluster: Cluster) -
         what=f"inspect turnout-jobs to show the progress of {job.id}",
     )
     assert listed["total"] == 8 and listed["attempt"] == 1
+    table = json.loads(celery_cli(cluster.env, "turnout", "jobs", "--json"))
+    (entry,) = [j for j in table["jobs"] if j["id"] == job.id]
+    assert entry["task"] == "it.counter" and entry["attempt"] == 1
 
     outcome = job.get(timeout=30)
     assert outcome["sum"] == sum(range(8))
     final = celery_turnout.progress(cluster.app, job.id)
     assert final is not None and final["done"] == 8, "the last value is flushed"
+
+    status, updates = finish_watch(watch)
+    assert status == 0
+    assert updates[-1]["state"] == "SUCCESS"
+    assert any(u["state"] == "PROGRESS" and u["done"] for u in updates)
+
+
+def test_a_checkpointed_job_taken_over_after_sigkill_resumes_from_its_checkpoint(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    steps = 12
+    job = cluster.send("it.counter", steps, 0.4, True)
+    first = cluster.wait_started(job.id)
+    owner = cluster.owner_of(first)
+    wait_until_covered(cluster, job.id)
+    wait_for(
+        lambda: len(cluster.records.events(job.id, "step", attempt=1)) >= 4,
+        timeout=20,
+        what=f"job {job.id} to count four steps",
+    )
+
+    owner.kill()
+    saved = celery_turnout.checkpoint(cluster.app, job.id)
+    assert saved is not None and saved["attempt"] == 1
+    second = cluster.wait_started(job.id, attempt=2, timeout=TAKEOVER_TIMEOUT)
+    assert second["resumed_from"] == saved["state"]["next"] >= 4
+
+    # The backend shows the new attempt as soon as it starts, never attempt 1's
+    # last PROGRESS.
+    shown = wait_for(
+        lambda: isinstance(job.info, dict) and job.info.get("attempt") == 2
+        and job.info,
+        timeout=10,
+        what=f"the result backend to show attempt 2 of {job.id}",
+    )
+    assert job.state in ("STARTED", "PROGRESS") and shown["done"] >= 4
+
+    outcome = job.get(timeout=30)
+    assert outcome["attempt"] == 2
+    assert outcome["sum"] == sum(range(steps)), "a step was counted twice or lost"
+    redone = [r["step"] for r in cluster.records.events(job.id, "step", attempt=2)]
+    assert redone == list(range(saved["state"]["next"], steps))
+
+
+def test_after_the_last_attempt_is_lost_the_state_is_failure_not_progress(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    job = cluster.send("it.fragile_counter", 20, 0.3)
+    first = cluster.wait_started(job.id)
+    wait_until_covered(cluster, job.id)
+    wait_for(lambda: job.state == "PROGRESS", 10, f"job {job.id} to show PROGRESS")
+
+    cluster.owner_of(first).kill()
+    wait_for(
+        lambda: job.state == "FAILURE",
+        timeout=TAKEOVER_TIMEOUT,
+        what=f"job {job.id} to end FAILURE",
+    )
+    assert "JobExhausted" in type(job.result).__name__
+    watch = start_watch(cluster.env, job.id)
+    status, updates = finish_watch(watch)
+    assert status == 1 and updates[-1]["state"] == "FAILURE"
+    assert cluster.app.AsyncResult(job.id).state == "FAILURE"
