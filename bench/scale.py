@@ -1,0 +1,200 @@
+"""Scale: the most supervised jobs two workers hold with no false takeover.
+
+Two workers (``-P threads``, one thread per job) share sleeping turnout jobs.
+The ramp tries each size of ``--sizes`` in turn on fresh workers: it sends
+the jobs, waits until supervise ticks cover all of them, holds them for
+``--step-intervals`` intervals and fails the size if any worker took a job
+over (no worker dies here, so every takeover is false) or the jobs were not
+covered in time. The largest size that passed is then held on fresh workers
+for ``--minutes``; the table gives the takeovers seen, the broker traffic and
+the CPU time of both workers' main processes per interval at that size, next
+to the same two workers holding no job.
+
+False takeovers are counted three ways: ``takes over`` lines in the worker
+logs, ``Re-dispatched job`` lines, and ``taken_over`` events in the history
+that ``celery_turnout.history`` returns for each job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    Broker,
+    Cluster,
+    add_source_option,
+    brokers,
+    install_cleanup,
+    make_workdir,
+    pin_turnout,
+    table,
+    versions,
+    wait_for,
+)
+from supervision_cost import costs, snapshot
+
+
+def count_takeovers(cluster: Cluster, job_ids: list[str]) -> dict[str, int]:
+    """Takeovers seen in the logs and in the jobs' histories."""
+    import celery_turnout
+
+    in_history = 0
+    for job_id in job_ids:
+        events = celery_turnout.history(cluster.app, job_id)
+        in_history += sum(1 for e in events if e.get("event") == "taken_over")
+    return {
+        "log": len(cluster.grep_logs("takes over")),
+        "redispatched": len(cluster.grep_logs("Re-dispatched job")),
+        "history": in_history,
+        "late_checks": len(cluster.grep_logs("Checked monitor message")),
+    }
+
+
+def hold(
+    broker: Broker, workdir: Path, interval: float, jobs: int, seconds: float,
+    label: str, measure: bool,
+) -> dict[str, Any]:
+    """Hold ``jobs`` jobs on two fresh workers for ``seconds``; report what happened.
+
+    Returns a dict with ``ok``, the takeover counts, the seconds the jobs took
+    to be covered, and (with ``measure``) per-interval costs while held.
+    """
+    cluster = Cluster(broker, workdir, interval, label)
+    per_worker = max(1, jobs)
+    result: dict[str, Any] = {"jobs": jobs, "ok": False}
+    try:
+        workers = cluster.start(2, pool="threads", concurrency=per_worker)
+        pids = [w.pid for w in workers]
+        lifetime = seconds + 10 * interval + 300
+        sent_at = time.monotonic()
+        job_ids = [
+            cluster.app.send_task("bench.napper", args=(lifetime,)).id
+            for _ in range(jobs)
+        ]
+
+        def covered() -> bool:
+            count = sum(
+                w.log().count("is covered by supervise tick") for w in workers
+            )
+            return count >= jobs
+
+        try:
+            wait_for(covered, 120 + 5 * interval, f"{jobs} jobs to be covered", 0.5)
+        except TimeoutError as exc:
+            result["error"] = str(exc)
+            result.update(count_takeovers(cluster, job_ids))
+            return result
+        result["cover_s"] = time.monotonic() - sent_at
+        result["split"] = "/".join(
+            str(w.log().count("is covered by supervise tick")) for w in workers
+        )
+        time.sleep(2 * interval)
+        before = snapshot(broker, *pids)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not all(w.alive() for w in workers):
+                result["error"] = "a worker died"
+                break
+            if cluster.grep_logs("takes over"):
+                break  # one false takeover decides the size
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        after = snapshot(broker, *pids)
+        if measure:
+            result.update(costs(before, after, interval))
+        result.update(count_takeovers(cluster, job_ids))
+        result["ok"] = "error" not in result and result["log"] == 0 and (
+            result["history"] == 0
+        )
+        return result
+    finally:
+        cluster.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, ramp up, hold the largest size, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--brokers", default="redis,rabbitmq",
+                        help="comma-separated, of redis,rabbitmq")
+    parser.add_argument("--sizes", default="1000,2000,4000,8000",
+                        help="total jobs of the ramp's steps, ascending")
+    parser.add_argument("--interval", type=float, default=1.0,
+                        help="supervise interval in seconds")
+    parser.add_argument("--step-intervals", type=int, default=15,
+                        help="intervals each ramp step holds its jobs")
+    parser.add_argument("--minutes", type=float, default=10.0,
+                        help="how long the largest passing size is held")
+    add_source_option(parser)
+    args = parser.parse_args(argv)
+    names = [n for n in args.brokers.split(",") if n]
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+
+    install_cleanup()
+    workdir = make_workdir("scale")
+    pin_turnout(args.turnout_ref, workdir)
+    rows: list[list[Any]] = []
+    ramp_rows: list[list[Any]] = []
+    with brokers(names, workdir) as found:
+        print(versions(found["rabbitmq"].rabbit if "rabbitmq" in found else None))
+        print("# " + " ".join(["nice -n 10 .venv/bin/python bench/scale.py",
+                               *(argv if argv is not None else sys.argv[1:])]))
+        for name in names:
+            broker = found[name]
+            best = 0
+            for size in sizes:
+                step = hold(broker, workdir, args.interval, size,
+                            args.step_intervals * args.interval,
+                            f"{name}-ramp{size}", measure=False)
+                print(f"[{name}] ramp {size}: {step}", flush=True)
+                ramp_rows.append([
+                    name, size, "pass" if step["ok"] else "FAIL",
+                    f"{step.get('cover_s', float('nan')):.1f}",
+                    step.get("split", "-"), step.get("log", "-"),
+                    step.get("history", "-"), step.get("late_checks", "-"),
+                    step.get("error", ""),
+                ])
+                if not step["ok"]:
+                    break
+                best = size
+            if not best:
+                continue
+            idle = hold(broker, workdir, args.interval, 0, 20 * args.interval,
+                        f"{name}-idle", measure=True)
+            final = hold(broker, workdir, args.interval, best, args.minutes * 60,
+                         f"{name}-hold{best}", measure=True)
+            print(f"[{name}] hold {best}: {final}", flush=True)
+            for r in (idle, final):
+                total = sum(r.get("redis", {}).values())
+                rabbit = r.get("rabbit", {})
+                rows.append([
+                    name, r["jobs"],
+                    f"{args.minutes:g} min" if r is final else "idle",
+                    r.get("log", "-"), r.get("history", "-"),
+                    r.get("late_checks", "-"),
+                    f"{r.get('cpu_ms', float('nan')):.1f}", f"{total:.1f}",
+                    f"{rabbit.get('messages_received_total', 0.0):.1f}"
+                    if name == "rabbitmq" else "-",
+                    r.get("error", ""),
+                ])
+    print()
+    print(f"Ramp: two workers -P threads, interval {args.interval:g} s, each step "
+          f"held {args.step_intervals} intervals")
+    print()
+    print(table(["broker", "jobs", "result", "covered after s", "jobs per worker",
+                 "takeovers (log)", "taken_over events", "late checks", "error"],
+                ramp_rows))
+    print()
+    print("Hold of the largest passing size, and the same two workers idle; costs "
+          "per interval, both workers")
+    print()
+    print(table(["broker", "jobs", "held", "takeovers (log)", "taken_over events",
+                 "late checks", "main CPU ms", "Redis cmds", "AMQP published",
+                 "error"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
