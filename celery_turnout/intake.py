@@ -138,7 +138,11 @@ def admit(
         return job
 
     if verdict is Verdict.EXHAUSTED:
-        _fail_exhausted(supervisor, task, job_id, admission.attempt, headers)
+        reason = headers.get(REASON_HEADER) or (
+            'the worker holding it died before its first supervise tick and the '
+            'broker returned its message'
+        )
+        _fail_exhausted(supervisor, task, job_id, admission.attempt, reason)
     elif verdict is Verdict.DUPLICATE:
         logger.info(
             'Dropping copy %s of job %s: attempt %d is already held by copy %s.',
@@ -184,9 +188,8 @@ def _max_takeovers(task: Any, supervisor: Supervisor) -> int:
 
 def _fail_exhausted(
     supervisor: Supervisor, task: Any, job_id: str, attempt: int,
-    headers: dict[str, Any],
+    reason: str,
 ) -> None:
-    reason = headers.get(REASON_HEADER) or 'its worker was lost'
     exc = JobExhausted(
         f'job {job_id} ({task.name}) was lost on each of its {attempt - 1} '
         f'attempts, the last time because {reason}; giving up after '

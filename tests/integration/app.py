@@ -29,6 +29,7 @@ from typing import Any
 
 from celery import Celery, Task
 from kombu import Queue
+from poison_jobs import register_poison_jobs
 from progress_jobs import register_progress_jobs
 
 from celery_turnout import turnout_task
@@ -141,6 +142,7 @@ def _register_jobs(app: Celery, records: Path) -> None:
         return outcome(self, seconds)
 
     register_progress_jobs(app, record)
+    register_poison_jobs(app, record)
 
 
 app = create_app(os.environ)
