@@ -71,6 +71,13 @@ class RedisServer:
         """A redis-py client of database ``db``."""
         return redis.Redis(host="127.0.0.1", port=self.port, db=db)
 
+    def net_bytes(self) -> int:
+        """Bytes the server received plus sent since it started (``INFO stats``)."""
+        stats = self.client().info("stats")
+        return int(stats["total_net_input_bytes"]) + int(
+            stats["total_net_output_bytes"]
+        )
+
     def commandstats(self) -> dict[str, int]:
         """Calls per command since the server started (``INFO commandstats``)."""
         info = self.client().info("commandstats")

@@ -169,12 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             for r in (idle, final):
                 total = sum(r.get("redis", {}).values())
                 rabbit = r.get("rabbit", {})
+                sockets = r.get("sockets", {})
+                kb = (
+                    (sockets.get("recv_oct", 0) + sockets.get("send_oct", 0)) / 1000
+                    if name == "rabbitmq" else r.get("redis_kb", float("nan"))
+                )
                 rows.append([
                     name, r["jobs"],
                     f"{args.minutes:g} min" if r is final else "idle",
                     r.get("log", "-"), r.get("history", "-"),
                     r.get("late_checks", "-"),
                     f"{r.get('cpu_ms', float('nan')):.1f}", f"{total:.1f}",
+                    f"{kb:.1f}",
                     f"{rabbit.get('messages_received_total', 0.0):.1f}"
                     if name == "rabbitmq" else "-",
                     r.get("error", ""),
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
           "per interval, both workers")
     print()
     print(table(["broker", "jobs", "held", "takeovers (log)", "taken_over events",
-                 "late checks", "main CPU ms", "Redis cmds", "AMQP published",
+                 "late checks", "main CPU ms", "Redis cmds", "broker kB in+out",
+                 "AMQP published",
                  "error"], rows))
     return 0
 

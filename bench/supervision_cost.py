@@ -65,6 +65,7 @@ def snapshot(broker: Broker, *pids: int) -> dict[str, Any]:
         "time": time.monotonic(),
         "cpu": sum(process_cpu(pid) for pid in pids),
         "redis": broker.redis.commandstats(),
+        "redis_bytes": broker.redis.net_bytes(),
     }
     if broker.rabbit is not None:
         taken["rabbit"] = broker.rabbit.counters()
@@ -82,6 +83,7 @@ def costs(before: Mapping[str, Any], after: Mapping[str, Any], interval: float,
     result: dict[str, Any] = {
         "cpu_ms": 1000 * (after["cpu"] - before["cpu"]) / periods,
         "redis": {k: v / periods for k, v in commands.items()},
+        "redis_kb": (after["redis_bytes"] - before["redis_bytes"]) / periods / 1000,
     }
     for key in ("rabbit", "sockets"):
         if key in after:
@@ -142,18 +144,22 @@ def report(name: str, results: list[dict[str, Any]], interval: float) -> str:
         if name == "rabbitmq":
             rabbit = r.get("rabbit", {})
             row += [f"{rabbit.get(k, 0.0):.1f}" for k in RABBIT_COLUMNS]
-            row.append(f"{r.get('sockets', {}).get('recv_cnt', 0.0):.1f}")
+            sockets = r.get("sockets", {})
+            row.append(f"{sockets.get('recv_cnt', 0.0):.1f}")
+            kb = (sockets.get("recv_oct", 0.0) + sockets.get("send_oct", 0.0)) / 1000
+            row.append(f"{kb:.1f}")
             row.append(f"{total:.1f}")
         else:
-            row += [f"{total:.1f}", f"{extra:+.1f}"]
+            row += [f"{total:.1f}", f"{extra:+.1f}", f"{r['redis_kb']:.1f}"]
         row += [_top(r["redis"]), f"{r['cpu_ms']:.1f}", f"{cpu_extra:+.1f}",
                 r["takeovers"]]
         rows.append(row)
     if name == "rabbitmq":
         headers = ["jobs", *RABBIT_COLUMNS.values(), "socket reads",
-                   "store Redis cmds", "store Redis top commands"]
+                   "AMQP kB in+out", "store Redis cmds", "store Redis top commands"]
     else:
-        headers = ["jobs", "Redis cmds", "minus idle", "top commands"]
+        headers = ["jobs", "Redis cmds", "minus idle", "Redis kB in+out",
+                   "top commands"]
     headers += ["CPU ms", "minus idle", "takeovers"]
     return "\n".join([
         f"{name}: per supervise interval ({interval:g} s), one worker "
