@@ -7,13 +7,13 @@ from typing import Any
 
 from celery import bootsteps
 from celery.concurrency.solo import TaskPool as SoloPool
-from celery.signals import worker_shutting_down
+from celery.signals import worker_shutdown, worker_shutting_down
 from celery.worker import state as worker_state
 
 from .errors import ImproperlyConfigured
 from .settings import Settings
 from .store import store_for
-from .supervision import Supervisor, register
+from .supervision import Supervisor, register, supervisor_of
 
 #: Seconds between runs of the main-thread steps that the supervision thread
 #: queues (acknowledging covered jobs, stopping fenced copies).
@@ -29,6 +29,16 @@ def _note_shutdown(**_: Any) -> None:
     # Runs inside the signal handler: note it and do nothing else here.
     global _shutting_down
     _shutting_down = True
+
+
+@worker_shutdown.connect(weak=False)
+def _retire(sender: Any = None, **_: Any) -> None:
+    # Sent once the pool has drained: a worker that waited for its jobs can
+    # now stop supervising without looking dead.
+    app = getattr(sender, 'app', None)
+    supervisor = supervisor_of(app) if app is not None else None
+    if supervisor is not None:
+        supervisor.retire()
 
 
 class Supervision(bootsteps.StartStopStep):
@@ -91,9 +101,13 @@ class Supervision(bootsteps.StartStopStep):
         supervisor.run_pending_calls()
 
     def shutdown(self, c: Any) -> None:
-        if self.supervisor is not None:
-            self.supervisor.stop()
-            self.supervisor.run_pending_calls()
+        supervisor = self.supervisor
+        if supervisor is None:
+            return
+        if _leaving() and supervisor.settings.shutdown == 'wait':
+            return  # supervision goes on until the pool has drained
+        supervisor.stop()
+        supervisor.run_pending_calls()
 
 
 def _leaving() -> bool:

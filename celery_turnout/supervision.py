@@ -375,6 +375,34 @@ class Supervisor:
                 )
         self.stop()
 
+    def retire(self, timeout: float = 5.0) -> None:
+        """Stop supervising at the end of a shutdown that waited for its jobs.
+
+        Lanes are purged only when nothing is held any more, so that peers do
+        not mistake the exit for a crash; jobs still held are left to them.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+
+        def command(session: _Session) -> None:
+            held = self.ledger.held()
+            if held:
+                logger.warning(
+                    'Worker %s leaves with %d turnout job(s) unfinished: %s; '
+                    'peers take them over within %.3g s.', self.hostname,
+                    len(held), ', '.join(job.id for job in held),
+                    self.settings.detection_bound,
+                )
+            else:
+                for lane in session.lanes:
+                    session.purge(lane)
+            done.set()
+
+        self._commands.put(command)
+        done.wait(timeout)
+        self.stop()
+
     def redispatch_later(
         self, job: HeldJob, reason: str, then: Callable[[], None],
     ) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Cluster, wait_for
+from harness import Cluster, stays_false, wait_for
 from test_failover import events_of, wait_until_covered
 
 pytestmark = pytest.mark.integration
@@ -43,3 +43,29 @@ def test_a_warm_shutdown_hands_jobs_off_at_once(
     events = events_of(cluster, job.id)
     assert ("handed_off", 2) in events
     assert ("taken_over", 2) not in events, "the exit was mistaken for a crash"
+
+
+def test_a_worker_set_to_wait_finishes_its_jobs_and_leaves_without_a_takeover(
+    cluster: Cluster,
+) -> None:
+    cluster.env["TURNOUT_IT_SHUTDOWN"] = "wait"
+    cluster.start(2)
+    seconds = 4.0
+    job = cluster.send("it.sleeper", seconds)
+    first = cluster.wait_started(job.id)
+    owner = cluster.owner_of(first)
+    wait_until_covered(cluster, job.id)
+
+    owner.signal(signal.SIGTERM)
+    outcome: dict[str, Any] = job.get(timeout=seconds + 30)
+    assert (outcome["attempt"], outcome["worker"]) == (1, owner.name)
+    wait_for(lambda: owner.process.poll() is not None, 15, "the owner to exit")
+
+    # Its last monitor messages come due after it left: no peer may read its
+    # exit as a crash.
+    (peer,) = cluster.others(owner)
+    assert stays_false(
+        lambda: "stopped reading its supervise lane" in peer.log(),
+        3 * cluster.interval,
+    ), peer.log()
+    assert cluster.records.events(job.id, "start") == [first]
