@@ -1,7 +1,7 @@
 """Long jobs outlive the broker's own limits on unacknowledged messages.
 
-Each case first shows, with a plain late-acking Celery task, that the lowered limit
-really is hit by a job of that length; then that a turnout job of the same length
+Each case shows, with a plain late-acking Celery task, that the lowered limit
+really is hit by a job of that length, and that a turnout job of the same length
 runs exactly once.
 
 RabbitMQ 3.10 reads ``consumer_timeout`` when a channel opens and checks it on the
@@ -118,39 +118,29 @@ def test_a_job_longer_than_the_rabbitmq_consumer_timeout_runs_once_on_one_channe
 
 
 @pytest.mark.transports("redis")
-def test_without_turnout_redis_runs_a_task_longer_than_the_visibility_timeout_twice(
+def test_past_the_redis_visibility_timeout_a_plain_task_runs_twice_and_a_job_once(
     cluster: Cluster,
 ) -> None:
     cluster.set_transport_options(
         visibility_timeout=VISIBILITY_TIMEOUT,
         unacked_restore_interval=1,
         unacked_restore_throttle=1,
+        # A worker killed while it restores leaves kombu's restore lock behind
+        # (5 minutes by default), and no worker on the database restores until
+        # it expires.
+        unacked_mutex_expire=VISIBILITY_TIMEOUT,
     )
     cluster.start(2)
 
-    job = cluster.send("it.plain_sleeper", LONGER_THAN_VISIBILITY_TIMEOUT)
+    plain = cluster.send("it.plain_sleeper", LONGER_THAN_VISIBILITY_TIMEOUT)
+    job = cluster.send("it.sleeper", LONGER_THAN_VISIBILITY_TIMEOUT)
 
     wait_for(
-        lambda: len(cluster.records.events(job.id, "start")) >= 2,
+        lambda: len(cluster.records.events(plain.id, "start")) >= 2,
         LONGER_THAN_VISIBILITY_TIMEOUT,
-        f"job {job.id} to be restored and started again",
+        f"plain task {plain.id} to be restored and started again",
     )
-
-
-@pytest.mark.transports("redis")
-def test_a_job_longer_than_the_redis_visibility_timeout_runs_exactly_once(
-    cluster: Cluster,
-) -> None:
-    cluster.set_transport_options(
-        visibility_timeout=VISIBILITY_TIMEOUT,
-        unacked_restore_interval=1,
-        unacked_restore_throttle=1,
-    )
-    cluster.start(2)
-
-    job = cluster.send("it.sleeper", LONGER_THAN_VISIBILITY_TIMEOUT)
     outcome = job.get(timeout=LONGER_THAN_VISIBILITY_TIMEOUT + 30)
-
     assert outcome["attempt"] == 1
     assert [r["attempt"] for r in cluster.records.events(job.id, "start")] == [1]
     assert [r["attempt"] for r in cluster.records.events(job.id, "finish")] == [1]
