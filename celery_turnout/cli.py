@@ -92,10 +92,11 @@ def jobs_table(held: list[dict[str, Any]], now: float) -> list[str]:
             f'{duration(now - proven)} ago' if proven else 'not yet',
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        '  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-        for row in rows
-    ]
+    lines = []
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        lines.append('  '.join(cells).rstrip())
+    return lines
 
 
 def progress_text(progress: Mapping[str, Any] | None) -> str:

@@ -215,7 +215,7 @@ class ProgressWatch:
             return
         self._store_down = False
         now = time.time()
-        for job, record in zip(jobs, records):
+        for job, record in zip(jobs, records, strict=True):
             self._learn(job, record)
             try:
                 self._check_stall(session, job, now)

@@ -476,7 +476,14 @@ class Supervisor:
         options: dict[str, Any] = {}
         if self._driver == 'filesystem':
             options = {'polling_interval': 0.1}
-        return self.app.connection_for_write(transport_options=options)
+        # RabbitMQ returns the monitor messages a consumer holds only when its
+        # connection dies. Short heartbeats make a stopped or hung worker's
+        # connection die within a few seconds, so the checks it held (its own
+        # included) go to a live peer.
+        heartbeat = max(1, round(self.settings.supervise_interval / 2))
+        return self.app.connection_for_write(
+            transport_options=options, heartbeat=heartbeat,
+        )
 
     def _serve(self, connection: Connection) -> None:
         session = _Session(connection, self)
@@ -502,6 +509,7 @@ class Supervisor:
                     connection.drain_events(timeout=self._wait_time())
                 except TimeoutError:
                     pass
+                connection.heartbeat_check()
 
     def _run_commands(self, session: _Session) -> None:
         while True:

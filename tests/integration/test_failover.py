@@ -18,17 +18,6 @@ pytestmark = pytest.mark.integration
 TAKEOVER_SLACK = 1.0
 
 
-#: Known failure: on RabbitMQ every worker, the owner included, consumes the
-#: shared monitor queue and holds each message until it is due. When the owner
-#: itself holds the check of its last tick and is paused, no peer ever sees that
-#: check, so the job is never taken over (about one run in two with two workers).
-#: TODO(owner stops consuming checks of its own ticks): drop this mark.
-PAUSED_OWNER_HOLDS_ITS_OWN_CHECK = pytest.mark.xfail(
-    reason="a paused owner on RabbitMQ can hold the only check of its last tick",
-    strict=False,
-)
-
-
 def detection_bound(cluster: Cluster) -> float:
     """The promised delay from an owner's death to the next attempt's start."""
     grace = cluster.app.conf.get("turnout_grace") or cluster.interval / 2
@@ -84,10 +73,8 @@ def test_a_job_whose_owner_is_killed_finishes_on_another_worker_as_attempt_two(
 
 
 def test_a_paused_owner_is_fenced_and_the_result_comes_from_the_next_attempt(
-    cluster: Cluster, figure: Callable[[str], None], request: pytest.FixtureRequest
+    cluster: Cluster, figure: Callable[[str], None]
 ) -> None:
-    if cluster.broker_name == "rabbitmq":
-        request.applymarker(PAUSED_OWNER_HOLDS_ITS_OWN_CHECK)
     cluster.start(2)
     seconds = 8.0
     job = cluster.send("it.sleeper", seconds)
