@@ -14,7 +14,7 @@ from .task import TurnoutTask, turnout_task
 
 __all__ = [
     'JobExhausted', 'JobStalled', 'JobSuperseded', 'TurnoutError', 'TurnoutTask',
-    'cancel', 'checkpoint', 'history', 'progress', 'turnout_task',
+    'cancel', 'cancelled', 'checkpoint', 'history', 'progress', 'turnout_task',
 ]
 __version__ = '0.1.0'
 
@@ -48,3 +48,8 @@ def checkpoint(app: Celery, job_id: str) -> dict[str, Any] | None:
     ``attempt`` and ``at`` (epoch seconds).
     """
     return store_for(app).checkpoint(job_id)
+
+
+def cancelled(app: Celery, job_id: str) -> str | None:
+    """Why the job was cancelled (by :func:`cancel` or a revoke), or None."""
+    return store_for(app).cancelled(job_id)
