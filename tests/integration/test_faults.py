@@ -53,7 +53,9 @@ def short_redelivery(cluster: Cluster) -> None:
 
 def wait_for_exit(worker: Worker, timeout: float) -> None:
     """Wait until the faulty worker's main process is gone."""
-    wait_for(lambda: worker.process.poll() is not None, timeout, f"{worker.name} to die")
+    wait_for(
+        lambda: worker.process.poll() is not None, timeout, f"{worker.name} to die"
+    )
 
 
 def starts_by_attempt(cluster: Cluster, job_id: str) -> Counter[int]:
@@ -64,7 +66,7 @@ def starts_by_attempt(cluster: Cluster, job_id: str) -> Counter[int]:
 def assert_ran_once_per_attempt(cluster: Cluster, job: Any, seconds: float) -> dict:
     outcome: dict[str, Any] = job.get(timeout=seconds + RECOVERY)
     starts = starts_by_attempt(cluster, job.id)
-    assert all(count == 1 for count in starts.values()), f"an attempt ran twice: {starts}"
+    assert all(count == 1 for count in starts.values()), f"attempt ran twice: {starts}"
     assert starts[outcome["attempt"]] == 1
     return outcome
 
