@@ -172,7 +172,7 @@ class RabbitServer:
             parts = line.split()
             if len(parts) != 4 or not all(p.isdigit() for p in parts):
                 continue
-            for key, value in zip(totals, parts):
+            for key, value in zip(totals, parts, strict=True):
                 totals[key] += int(value)
         return totals
 
