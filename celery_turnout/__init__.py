@@ -14,7 +14,8 @@ from .task import TurnoutTask, turnout_task
 
 __all__ = [
     'JobExhausted', 'JobStalled', 'JobSuperseded', 'TurnoutError', 'TurnoutTask',
-    'cancel', 'cancelled', 'checkpoint', 'history', 'progress', 'turnout_task',
+    'cancel', 'cancelled', 'checkpoint_of', 'history', 'progress_of',
+    'turnout_task',
 ]
 __version__ = '0.1.0'
 
@@ -31,7 +32,7 @@ def history(app: Celery, job_id: str) -> list[dict[str, Any]]:
     return store_for(app).history(job_id)
 
 
-def progress(app: Celery, job_id: str) -> dict[str, Any] | None:
+def progress_of(app: Celery, job_id: str) -> dict[str, Any] | None:
     """The latest progress a job saved, or None.
 
     A dict with ``done``, ``total``, ``note``, ``attempt`` (the attempt that
@@ -41,7 +42,7 @@ def progress(app: Celery, job_id: str) -> dict[str, Any] | None:
     return store_for(app).progress(job_id)
 
 
-def checkpoint(app: Celery, job_id: str) -> dict[str, Any] | None:
+def checkpoint_of(app: Celery, job_id: str) -> dict[str, Any] | None:
     """The last checkpoint a job saved, or None.
 
     A dict with ``state`` (what the job passed to ``self.checkpoint``),

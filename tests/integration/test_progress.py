@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,7 +86,7 @@ def test_progress_shows_in_inspect_the_result_backend_and_the_cli(
 
     outcome = job.get(timeout=30)
     assert outcome["sum"] == sum(range(8))
-    final = celery_turnout.progress(cluster.app, job.id)
+    final = celery_turnout.progress_of(cluster.app, job.id)
     assert final is not None and final["done"] == 8, "the last value is flushed"
 
     status, updates = finish_watch(watch)
@@ -110,7 +111,7 @@ def test_a_checkpointed_job_taken_over_after_sigkill_resumes_from_its_checkpoint
     )
 
     owner.kill()
-    saved = celery_turnout.checkpoint(cluster.app, job.id)
+    saved = celery_turnout.checkpoint_of(cluster.app, job.id)
     assert saved is not None and saved["attempt"] == 1
     second = cluster.wait_started(job.id, attempt=2, timeout=TAKEOVER_TIMEOUT)
     assert second["resumed_from"] == saved["state"]["next"] >= 4
@@ -152,3 +153,109 @@ def test_after_the_last_attempt_is_lost_the_state_is_failure_not_progress(
     status, updates = finish_watch(watch)
     assert status == 1 and updates[-1]["state"] == "FAILURE"
     assert cluster.app.AsyncResult(job.id).state == "FAILURE"
+
+
+@pytest.mark.transports("redis")
+def test_a_stalled_job_is_restarted_as_its_next_attempt(cluster: Cluster) -> None:
+    cluster.start(2)
+    job = cluster.send("it.stall_restarter", 60.0)
+
+    outcome = job.get(timeout=30)
+
+    assert outcome["attempt"] == 2
+    events = [(e["event"], e["attempt"]) for e in celery_turnout.history(cluster.app,
+                                                                          job.id)]
+    assert ("stalled", 1) in events and ("restarted", 2) in events
+    assert cluster.wait_until_logged("has made no progress for", 5)
+
+
+@pytest.mark.transports("redis")
+def test_a_stalled_job_with_on_stall_fail_ends_failure(cluster: Cluster) -> None:
+    cluster.start(1)
+    job = cluster.send("it.stall_failer", 60.0)
+
+    wait_for(lambda: job.state == "FAILURE", 30, f"job {job.id} to end FAILURE")
+
+    assert type(job.result).__name__ == "JobStalled"
+    assert "did not move" in str(job.result)
+    assert not cluster.records.events(job.id, "finish")
+
+
+class EventLog:
+    """Every Celery event the workers send, captured on a thread of the test."""
+
+    def __init__(self, app: Any) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._connection = app.connection_for_read()
+        self._receiver = app.events.Receiver(
+            self._connection, handlers={"*": self.events.append}
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except Exception:  # the connection closes under it at the end
+            pass
+
+    def of(self, job_id: str, prefix: str = "turnout-job-") -> list[tuple[str, Any]]:
+        """Return (type, attempt) of the captured turnout events of one job."""
+        return [
+            (e["type"], e.get("attempt"))
+            for e in list(self.events)
+            if e.get("uuid") == job_id and e["type"].startswith(prefix)
+        ]
+
+    def close(self) -> None:
+        """Stop capturing."""
+        self._receiver.should_stop = True
+        self._thread.join(5)
+        self._connection.release()
+
+
+@pytest.mark.transports("redis")
+def test_a_takeover_of_a_paused_owner_sends_turnout_events(cluster: Cluster) -> None:
+    cluster.env["TURNOUT_IT_TASK_EVENTS"] = "1"
+    log = EventLog(cluster.app)
+    try:
+        cluster.start(2)
+        wait_for(
+            lambda: any(e["type"] == "worker-heartbeat" for e in log.events),
+            timeout=10,
+            what="a worker heartbeat event, proof that the capture is on",
+        )
+        job = cluster.send("it.counter", 12, 0.3, True)
+        first = cluster.wait_started(job.id)
+        owner = cluster.owner_of(first)
+        wait_until_covered(cluster, job.id)
+        wait_for(
+            lambda: ("turnout-job-progress", 1) in log.of(job.id),
+            timeout=10,
+            what=f"a progress event of {job.id}",
+        )
+
+        owner.stop()
+        cluster.wait_started(job.id, attempt=2, timeout=TAKEOVER_TIMEOUT)
+        owner.resume()
+        assert job.get(timeout=30)["attempt"] == 2
+        wait_for(
+            lambda: ("turnout-job-fenced", 1) in log.of(job.id),
+            timeout=10,
+            what=f"the fence event of {job.id}",
+        )
+        seen = log.of(job.id)
+        wait_for(
+            lambda: ("turnout-job-finished", 2) in log.of(job.id),
+            timeout=10,
+            what=f"the finish event of {job.id}",
+        )
+    finally:
+        log.close()
+
+    for expected in [
+        ("turnout-job-started", 1),
+        ("turnout-job-taken-over", 2),
+        ("turnout-job-started", 2),
+    ]:
+        assert expected in seen, seen
