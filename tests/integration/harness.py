@@ -84,8 +84,9 @@ class Records:
         path = self.directory / f"{job_id}.jsonl"
         if not path.exists():
             return []
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        # A line still being written has no newline yet: leave it for later.
+        complete = path.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def events(
         self, job_id: str, event: str, attempt: int | None = None
