@@ -1,0 +1,587 @@
+"""The figures of a chaos run, computed from what the run saved.
+
+Inputs, all in the run folder: ``run.json`` (the jobs, the worker processes,
+every disruption, every process the watch saw, the final state of each job
+and its ``celery_turnout.history``), ``records/<job>.jsonl`` (one line per
+start and per finish of a copy of a job: job id, attempt, worker, pid, time)
+and the worker logs.
+
+The rules, in the order the report prints them:
+
+*Copy.* One start record is one copy of a job. It runs from its start until
+the first of: its finish record (same job, attempt and pid); the next start
+record of the same process (the process moved on); the death of its process,
+as the process watch saw it (to within one poll, a quarter second). A copy
+with none of these still runs at the end of the run.
+
+*Completed.* The job's result in the backend is ``SUCCESS``. *Lost*: not
+completed, and no copy of it still runs at the drain deadline.
+
+*Completed more than once.* A copy's outcome is *kept* when the copy wrote a
+finish record and either its completion claim succeeded (a ``finished`` event
+of its attempt in the job's history) or its worker logged that it stored the
+outcome just as a newer attempt took over (the one case in which an outcome
+reaches the backend without a completion claim). A job is completed more than
+once when outcomes of two or more different attempts were kept; outcomes that
+turnout dropped (``Ignore``: superseded) never count.
+
+*Concurrent copies.* Two copies of a job overlap when one starts before the
+other ended. The report gives the most copies of one job that ran at one time.
+
+*Fenced overlap.* An overlap of an older copy A (attempt a, on worker W) and a
+newer copy B (attempt b) is fenced when b > a and either W was disrupted
+between :data:`WINDOW` intervals before A's start and B's start (SIGKILLed or
+SIGTERMed at any time before B's start, or paused by a SIGSTOP that lasted into
+that window), or W obeyed a fence notice for attempt a (a ``fenced`` event of
+attempt a by W in the history). Any other overlap, and any overlap of two
+copies of the same attempt, is unfenced: two copies ran at once with no
+reason to presume the older one dead.
+
+*Fence lag.* For a fenced overlap, how long A ran on after the later of B's
+start and the moment W could act again (its resume for a pause, the signal
+for a kill or term, the fence event otherwise). Above one interval plus
+:data:`FENCE_SLACK` seconds the fence was slow: the README promises that a
+paused owner stops its copy at most one interval after it resumes.
+
+*False takeover.* A ``taken_over`` event whose lost worker was neither killed
+nor terminated before it, nor paused at some moment in the :data:`WINDOW`
+intervals before it.
+
+*Takeover latency.* For each first takeover of an attempt explained by a
+disruption: from the signal (the SIGKILL, the SIGTERM, or the SIGSTOP that
+began the pause) to the first start of that attempt or a later one, in
+supervise intervals. Hand-offs (SIGTERM) are given separately.
+
+*Missed takeover.* A pause longer than the detection bound plus one second of
+a worker that held a copy started at least one interval before the pause and
+running until at least the detection bound plus one second into it, with no
+takeover of that worker by two intervals after the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Intervals before a takeover (or before an older copy's start) in which a
+#: disruption of its worker explains it: the detection bound (1.5 intervals)
+#: plus a late check's allowance.
+WINDOW = 4.0
+
+#: Seconds, on top of one interval, a fenced copy may run on after its worker
+#: can act again: the main thread's step period, a kill and one watch poll.
+FENCE_SLACK = 1.0
+
+#: How many cases of each problem the report lists.
+SHOWN = 10
+
+#: The worker log lines that tell what happened to a finished copy's outcome.
+DROPPED = re.compile(r"Job (\S+) attempt (\d+) ended on (\S+) after a newer attempt")
+STORED_LATE = re.compile(r"Job (\S+) attempt (\d+) stored its outcome on (\S+) just")
+
+
+@dataclass
+class Copy:
+    """One run of one attempt of a job in one process."""
+
+    job: str
+    attempt: int
+    worker: str
+    pid: int
+    start: float
+    end: float | None
+    how: str
+
+    def until(self, horizon: float) -> float:
+        """The copy's end, or ``horizon`` if it still runs."""
+        return horizon if self.end is None else self.end
+
+    def label(self) -> str:
+        """A short description for the report."""
+        end = "running" if self.end is None else f"{self.end:.2f}"
+        return (
+            f"attempt {self.attempt} on {self.worker} pid {self.pid} "
+            f"[{self.start:.2f} - {end} {self.how}]"
+        )
+
+
+@dataclass
+class Overlap:
+    """Two copies of one job that ran at the same time."""
+
+    older: Copy
+    newer: Copy
+    fenced: bool
+    why: str
+    lag: float | None
+
+
+@dataclass
+class Takeover:
+    """One ``taken_over`` or ``handed_off`` event of a job's history."""
+
+    job: str
+    attempt: int
+    event: str
+    lost: str
+    at: float
+    cause: dict[str, Any] | None
+    next_start: float | None
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from the cause's signal to the next start, if both exist."""
+        if self.cause is None or self.next_start is None:
+            return None
+        return self.next_start - float(self.cause["at"])
+
+
+@dataclass
+class Report:
+    """Every figure of a run, and the cases behind the bad ones."""
+
+    header: list[str]
+    submitted: int
+    completed: int
+    lost: list[str]
+    running: list[str]
+    failed: list[str]
+    doubled: dict[str, list[int]]
+    most_copies: int
+    overlaps: list[Overlap]
+    takeovers: list[Takeover]
+    handoffs: list[Takeover]
+    interval: float
+    pauses: dict[str, int]
+    missed: list[str]
+    orphans: list[str]
+    notes: list[str]
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def unfenced(self) -> list[Overlap]:
+        """The overlaps that were not fenced."""
+        return [o for o in self.overlaps if not o.fenced]
+
+    @property
+    def false_takeovers(self) -> list[Takeover]:
+        """The takeovers that no disruption explains."""
+        return [t for t in self.takeovers if t.cause is None]
+
+    @property
+    def ok(self) -> bool:
+        """True when no job was lost and no unfenced concurrent copies ran."""
+        return not self.lost and not self.unfenced
+
+    def lines(self) -> list[str]:
+        """The report, one printable line each."""
+        i = self.interval
+        lags = [o.lag for o in self.overlaps if o.fenced and o.lag is not None]
+        slow = [x for x in lags if x > i + FENCE_SLACK]
+        jobs_overlapping = len({o.older.job for o in self.overlaps})
+        out = list(self.header)
+        out += [
+            f"jobs submitted: {self.submitted}",
+            f"completed: {self.completed}",
+            f"lost: {len(self.lost)}",
+            f"still running at the drain deadline: {len(self.running)}",
+            f"ended FAILURE: {len(self.failed)}",
+            f"completed more than once: {len(self.doubled)}",
+            f"most copies of one job at the same time: {self.most_copies} "
+            f"({len(self.overlaps)} overlaps in {jobs_overlapping} jobs)",
+            f"unfenced overlaps: {len(self.unfenced)}",
+            f"fence lag: max {_fmt(max(lags, default=None), i)} intervals; "
+            f"slow fences (> 1 interval + {FENCE_SLACK:g} s): {len(slow)}",
+            f"takeovers: {len(self.takeovers)}, false takeovers: "
+            f"{len(self.false_takeovers)}; hand-offs: {len(self.handoffs)}",
+            "takeover latency (signal to next attempt's start, intervals): "
+            + _percentiles([t.latency for t in _first(self.takeovers)], i),
+            "  after SIGKILL: "
+            + _percentiles(_latencies(self.takeovers, "kill"), i)
+            + "; after SIGSTOP: "
+            + _percentiles(_latencies(self.takeovers, "stop"), i),
+            "hand-off latency (SIGTERM to next attempt's start, intervals): "
+            + _percentiles([t.latency for t in _first(self.handoffs)], i),
+            "pauses: {short} shorter than 1.5 intervals ({short_taken} followed "
+            "by a takeover), {long} longer ({long_taken} followed by a takeover, "
+            "{missed} missed)".format(missed=len(self.missed), **self.pauses),
+            f"pool processes outliving their main process by > 2 s: "
+            f"{len(self.orphans)}",
+        ]
+        for note in self.notes:
+            out.append(f"note: {note}")
+        out += self.details
+        return out
+
+
+def analyze(directory: Path) -> Report:
+    """Compute the report of the run saved in ``directory``."""
+    data = json.loads((directory / "run.json").read_text())
+    records = read_records(directory / "records")
+    logs = [Path(w["log"]) for w in data["workers"]]
+    return compute(data, records, _log_text(logs))
+
+
+def compute(
+    data: dict[str, Any], records: Sequence[dict[str, Any]], log: str
+) -> Report:
+    """Compute the report from the saved run data, the records and the logs."""
+    config = data["config"]
+    interval = float(config["interval"])
+    horizon = float(data["horizon"])
+    history: dict[str, list[dict[str, Any]]] = data["history"]
+    states: dict[str, str] = data["states"]
+    disruptions = sorted(data["disruptions"], key=lambda d: d["at"])
+    by_worker: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for disruption in disruptions:
+        by_worker[disruption["worker"]].append(disruption)
+
+    copies = build_copies(records, data["processes"], data["workers"])
+    per_job: dict[str, list[Copy]] = defaultdict(list)
+    for copy in copies:
+        per_job[copy.job].append(copy)
+
+    def explain(worker: str, since: float, before: float) -> dict[str, Any] | None:
+        """The last disruption of ``worker`` sent by ``before`` lasting to ``since``."""
+        for d in reversed(by_worker.get(worker, [])):
+            if d["at"] > before:
+                continue
+            lasted = d["until"] if d["kind"] == "stop" else math.inf
+            if lasted is None or lasted >= since:
+                return d
+        return None
+
+    jobs = [j["id"] for j in data["jobs"]]
+    running = sorted(
+        j for j in data["running_at_end"] if states.get(j) != "SUCCESS"
+    )
+    lost = [j for j in jobs if states.get(j) != "SUCCESS" and j not in running]
+    failed = [j for j in jobs if states.get(j) == "FAILURE"]
+
+    # Completed more than once.
+    late = {(m[0], int(m[1])) for m in STORED_LATE.findall(log)}
+    doubled: dict[str, list[int]] = {}
+    for job in jobs:
+        finished = {c.attempt for c in per_job[job] if c.how == "finished"}
+        claimed = {e["attempt"] for e in history.get(job, [])
+                   if e["event"] == "finished"}
+        kept = sorted(a for a in finished if a in claimed or (job, a) in late)
+        if len(kept) > 1:
+            doubled[job] = kept
+
+    # Concurrent copies and overlaps.
+    most = 0
+    overlaps: list[Overlap] = []
+    for job, job_copies in per_job.items():
+        most = max(most, _most_at_once(job_copies, horizon))
+        fences = {(e["attempt"], e["worker"]): float(e["at"])
+                  for e in history.get(job, []) if e["event"] == "fenced"}
+        ordered = sorted(job_copies, key=lambda c: c.start)
+        for n, older in enumerate(ordered):
+            for newer in ordered[n + 1:]:
+                if newer.start >= older.until(horizon):
+                    continue
+                overlaps.append(
+                    _judge(older, newer, horizon, interval, explain, fences)
+                )
+
+    # Takeovers and hand-offs.
+    takeovers: list[Takeover] = []
+    handoffs: list[Takeover] = []
+    for job, events in history.items():
+        for e in events:
+            if e["event"] not in ("taken_over", "handed_off"):
+                continue
+            at, lost_worker = float(e["at"]), str(e["worker"])
+            cause = explain(lost_worker, at - WINDOW * interval, at)
+            starts = [c.start for c in per_job[job]
+                      if c.attempt >= e["attempt"] and c.start >= at - 0.5]
+            takeover = Takeover(
+                job, int(e["attempt"]), e["event"], lost_worker, at, cause,
+                min(starts, default=None),
+            )
+            (takeovers if e["event"] == "taken_over" else handoffs).append(takeover)
+
+    pauses, missed = _pauses(disruptions, copies, takeovers, interval)
+    orphans = _orphans(data["processes"], data["workers"])
+
+    report = Report(
+        header=_header(data),
+        submitted=len(jobs),
+        completed=sum(1 for j in jobs if states.get(j) == "SUCCESS"),
+        lost=lost,
+        running=running,
+        failed=failed,
+        doubled=doubled,
+        most_copies=most,
+        overlaps=overlaps,
+        takeovers=takeovers,
+        handoffs=handoffs,
+        interval=interval,
+        pauses=pauses,
+        missed=missed,
+        orphans=orphans,
+        notes=list(data.get("failures", [])),
+    )
+    report.details = _details(report, per_job, history, states)
+    return report
+
+
+def build_copies(
+    records: Sequence[dict[str, Any]],
+    processes: Sequence[dict[str, Any]],
+    workers: Sequence[dict[str, Any]],
+) -> list[Copy]:
+    """Turn start and finish records into copies with their ends (see module doc)."""
+    lives: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for process in processes:
+        lives[int(process["pid"])].append(process)
+    starts_by_pid: dict[int, list[float]] = defaultdict(list)
+    finishes: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for r in records:
+        if r["event"] == "start":
+            starts_by_pid[int(r["pid"])].append(float(r["time"]))
+        elif r["event"] == "finish":
+            finishes[(r["job"], int(r["attempt"]), int(r["pid"]))].append(r["time"])
+    exited = {w["name"]: w["exited"] for w in workers}
+
+    copies = []
+    for r in records:
+        if r["event"] != "start":
+            continue
+        pid, start = int(r["pid"]), float(r["time"])
+        life = _life_at(lives.get(pid, []), start)
+        ends: list[tuple[float, str]] = []
+        done = [t for t in finishes[(r["job"], int(r["attempt"]), pid)] if t >= start]
+        if done:
+            ends.append((min(done), "finished"))
+        gone = life["gone_at"] if life is not None else None
+        later = [t for t in starts_by_pid[pid]
+                 if t > start and (gone is None or t <= gone)]
+        if later:
+            ends.append((min(later), "moved on"))
+        if gone is not None:
+            ends.append((float(gone), "died"))
+        if life is None and exited.get(r["worker"]) is not None:
+            ends.append((float(exited[r["worker"]]), "worker gone"))
+        end, how = min(ends) if ends else (None, "running")
+        if life is None and not ends:
+            how = "unknown"
+        copies.append(Copy(
+            r["job"], int(r["attempt"]), r["worker"], pid, start, end, how,
+        ))
+    return copies
+
+
+def _life_at(lives: Iterable[dict[str, Any]], at: float) -> dict[str, Any] | None:
+    for life in sorted(lives, key=lambda x: x["first_seen"]):
+        # The watch may first see a process a poll after it wrote a record.
+        if life["first_seen"] <= at + 1.0 and (
+            life["gone_at"] is None or life["gone_at"] >= at
+        ):
+            return life
+    return None
+
+
+def _most_at_once(copies: Sequence[Copy], horizon: float) -> int:
+    points = []
+    for c in copies:
+        points.append((c.start, 1))
+        points.append((c.until(horizon), -1))
+    # At equal times, an end comes before a start.
+    points.sort()
+    most = now = 0
+    for _, step in points:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def _judge(
+    older: Copy, newer: Copy, horizon: float, interval: float, explain: Any,
+    fences: dict[tuple[int, str], float],
+) -> Overlap:
+    if newer.attempt <= older.attempt:
+        return Overlap(older, newer, False, "no newer attempt", None)
+    cause = explain(older.worker, older.start - WINDOW * interval, newer.start)
+    fence = fences.get((older.attempt, older.worker))
+    if cause is None and fence is None:
+        return Overlap(older, newer, False, "worker neither disrupted nor fenced", None)
+    if cause is not None:
+        free = cause["until"] if cause["kind"] == "stop" else cause["at"]
+        why = f"{cause['kind']} at {cause['at']:.2f}"
+        if cause["kind"] == "stop":
+            why += f" ({cause['target']}, until {cause['until']:.2f})"
+    else:
+        free, why = fence, "fence notice obeyed"
+    lag = older.until(horizon) - max(newer.start, float(free or horizon))
+    return Overlap(older, newer, True, why, lag)
+
+
+def _pauses(
+    disruptions: Sequence[dict[str, Any]],
+    copies: Sequence[Copy],
+    takeovers: Sequence[Takeover],
+    interval: float,
+) -> tuple[dict[str, int], list[str]]:
+    bound = 1.5 * interval + 1.0
+    counts = {"short": 0, "short_taken": 0, "long": 0, "long_taken": 0}
+    missed = []
+    for d in disruptions:
+        if d["kind"] != "stop" or d["until"] is None:
+            continue
+        kind = "short" if d["planned"] < 1.5 * interval else "long"
+        counts[kind] += 1
+        after = d["until"] + 2 * interval
+        taken = [t for t in takeovers
+                 if t.lost == d["worker"] and d["at"] <= t.at <= after]
+        if taken:
+            counts[f"{kind}_taken"] += 1
+            continue
+        if d["until"] - d["at"] < bound:
+            continue
+        held = [c for c in copies if c.worker == d["worker"]
+                and c.start <= d["at"] - interval
+                and (c.end is None or c.end >= d["at"] + bound)]
+        if held:
+            missed.append(
+                f"pause of {d['worker']} ({d['target']}) {d['at']:.2f} - "
+                f"{d['until']:.2f} held {', '.join(c.job for c in held)}; "
+                "no takeover followed"
+            )
+    return counts, missed
+
+
+def _orphans(
+    processes: Sequence[dict[str, Any]], workers: Sequence[dict[str, Any]]
+) -> list[str]:
+    exited = {w["pid"]: (w["name"], w["exited"]) for w in workers}
+    found = []
+    for life in processes:
+        name, gone = exited.get(life["group"], (None, None))
+        if gone is None or life["pid"] == life["group"]:
+            continue
+        outlived = (life["gone_at"] or math.inf) - gone
+        if outlived > 2.0:
+            found.append(f"pid {life['pid']} of {name} outlived it by {outlived:.1f} s")
+    return found
+
+
+def _first(takeovers: Iterable[Takeover]) -> list[Takeover]:
+    seen: set[tuple[str, int]] = set()
+    first = []
+    for t in sorted(takeovers, key=lambda t: t.at):
+        if (t.job, t.attempt) not in seen:
+            seen.add((t.job, t.attempt))
+            first.append(t)
+    return first
+
+
+def _latencies(takeovers: Iterable[Takeover], kind: str) -> list[float | None]:
+    return [
+        t.latency for t in _first(takeovers)
+        if t.cause is not None and t.cause["kind"] == kind
+    ]
+
+
+def _percentiles(values: Iterable[float | None], interval: float) -> str:
+    known = sorted(v / interval for v in values if v is not None)
+    if not known:
+        return "none"
+
+    def rank(q: float) -> float:
+        return known[max(0, math.ceil(q * len(known)) - 1)]
+
+    return (
+        f"p50 {rank(0.5):.2f}, p95 {rank(0.95):.2f}, max {known[-1]:.2f} "
+        f"(n={len(known)})"
+    )
+
+
+def _fmt(value: float | None, interval: float) -> str:
+    return "-" if value is None else f"{value / interval:.2f}"
+
+
+def _header(data: dict[str, Any]) -> list[str]:
+    c = data["config"]
+    kinds: dict[str, int] = defaultdict(int)
+    for d in data["disruptions"]:
+        kinds[d["kind"] if d["kind"] != "stop" else f"stop-{d['target']}"] += 1
+    restarted = len(data["workers"]) - int(c["workers"])
+    return [
+        f"command: {data['command']}",
+        f"code: {data['code']}; run folder: {data['directory']}; seed {c['seed']}",
+        f"broker {c['broker']}, {c['minutes']:g} min of chaos, {c['workers']} "
+        f"workers x {c['concurrency']} pool processes, interval {c['interval']:g} s, "
+        f"jobs of {c['shortest']:g}-{c['longest']:g} s",
+        "disruptions: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        + f"; workers started after the first {c['workers']}: {restarted}",
+        f"drain: {data['drained'] - data['chaos_to']:.0f} s after the chaos "
+        f"stopped (deadline {c['drain_seconds']:g} s)",
+    ]
+
+
+def _details(
+    report: Report,
+    per_job: dict[str, list[Copy]],
+    history: dict[str, list[dict[str, Any]]],
+    states: dict[str, str],
+) -> list[str]:
+    out: list[str] = []
+
+    def job_story(job: str) -> None:
+        for c in sorted(per_job.get(job, []), key=lambda c: c.start):
+            out.append(f"    copy {c.label()}")
+        for e in history.get(job, []):
+            extra = {k: v for k, v in e.items() if k not in ("event", "at", "attempt")}
+            out.append(f"    {e['at']:.2f} {e['event']} attempt {e['attempt']} {extra}")
+
+    for job in report.lost[:SHOWN]:
+        out.append(f"LOST {job} (state {states.get(job)})")
+        job_story(job)
+    for job, attempts in list(report.doubled.items())[:SHOWN]:
+        out.append(f"COMPLETED MORE THAN ONCE {job}: attempts {attempts}")
+        job_story(job)
+    for o in report.unfenced[:SHOWN]:
+        out.append(
+            f"UNFENCED {o.older.job}: {o.older.label()} and {o.newer.label()}: "
+            f"{o.why}"
+        )
+        job_story(o.older.job)
+    for t in report.false_takeovers[:SHOWN]:
+        out.append(f"FALSE TAKEOVER {t.job} attempt {t.attempt} of {t.lost} at "
+                   f"{t.at:.2f}")
+    slow = [o for o in report.overlaps
+            if o.fenced and o.lag is not None
+            and o.lag > report.interval + FENCE_SLACK]
+    for o in slow[:SHOWN]:
+        out.append(
+            f"SLOW FENCE {o.older.job}: {o.older.label()} ran {o.lag:.2f} s past "
+            f"{o.newer.label()} and its worker's release ({o.why})"
+        )
+    for text in report.missed[:SHOWN]:
+        out.append(f"MISSED TAKEOVER {text}")
+    for text in report.orphans[:SHOWN]:
+        out.append(f"ORPHAN {text}")
+    return out
+
+
+def read_records(directory: Path) -> list[dict[str, Any]]:
+    """Return every record of every job in ``directory``."""
+    found = []
+    for path in sorted(directory.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                found.append(json.loads(line))
+    return found
+
+
+def _log_text(paths: Iterable[Path]) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in paths if p.exists())
