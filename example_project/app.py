@@ -36,6 +36,9 @@ MAX_TAKEOVERS = 3
 def audit_customer_history(self: Task, path: str, customer: str) -> dict[str, Any]:
     """Audit one customer's history in the ledger, slowly, chunk by chunk.
 
+    After each chunk the job reports its progress and saves a checkpoint; an attempt
+    that takes the job over resumes from the last checkpoint instead of row 1.
+
     Args:
         self: The running job, bound to this call.
         path: The ledger's CSV file, readable by every worker.
@@ -48,18 +51,29 @@ def audit_customer_history(self: Task, path: str, customer: str) -> dict[str, An
     attempt = self.attempt
     total = sum(1 for _ in read_ledger(Path(path), customer))
     delay = chunk_delay()
-    logger.info(
-        'Job %s (attempt %d on %s) starts auditing %d rows of %r.',
-        job_id, attempt, worker, total, customer,
-    )
 
-    audit = Audit(customer)
     rows = read_ledger(Path(path), customer)
+    checkpoint = self.resume_state
+    if checkpoint is None:
+        audit, note = Audit(customer), customer
+    else:
+        done = itertools.islice(rows, checkpoint['audit']['rows'])
+        audit = Audit.resume(customer, checkpoint['audit'], done)
+        note = f'{customer}, resumed at row {audit.rows + 1}'
+    logger.info(
+        'Job %s (attempt %d on %s) starts auditing %d rows of %r at row %d.',
+        job_id, attempt, worker, total, customer, audit.rows + 1,
+    )
+    self.progress(audit.rows, total, note=note)
+
     for number in itertools.count(1):
         chunk = list(itertools.islice(rows, CHUNK_ROWS))
         if not chunk:
             break
         audit.feed(chunk)
+        # Progress first: the checkpoint saves the latest progress with it.
+        self.progress(audit.rows, total, note=note)
+        self.checkpoint({'audit': audit.state()})
         if number % CHUNKS_PER_LOG_LINE == 0:
             logger.info(
                 'Job %s (attempt %d on %s) has read %d of %d rows of %r.',

@@ -27,6 +27,7 @@ from types import FrameType, ModuleType
 from typing import Any
 
 from celery import Celery
+from celery.states import READY_STATES
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_turnout import history
@@ -138,6 +139,7 @@ def _run(broker: str | None, kill: bool, workers: list[Worker]) -> int:
     if kill:
         time.sleep(max(0.0, started_at + duration / 2 - time.time()))
         killed = _kill_main_process(owner)
+        _report_resume(job, timeout=duration)
 
     print('Waiting for the result ...')
     value = _wait_for_result(job, timeout=3 * duration + 120)
@@ -252,6 +254,26 @@ def _kill_main_process(worker: Worker) -> dict[str, Any]:
     print(f"Killed {worker.node}'s main process (pid {worker.process.pid}) "
           'with SIGKILL.')
     return killed
+
+
+def _report_resume(job: Any, timeout: float) -> None:
+    """Say from which row the attempt that took the job over resumed, as it reports.
+
+    The job notes it in its progress, which the result backend shows as the meta of
+    state PROGRESS (`AsyncResult.info`).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.state not in READY_STATES:
+        info = job.info
+        note = info.get('note') or '' if isinstance(info, dict) else ''
+        if 'resumed at row' in note and (info.get('attempt') or 1) > 1:
+            row = note.rpartition('resumed at row ')[2]
+            print(f"  Attempt {info['attempt']} took the job over and resumed at row "
+                  f'{row}, after the last checkpoint of the lost attempt: the rows '
+                  'before it are not audited again.')
+            return
+        time.sleep(0.2)
+    print('  No attempt reported resuming from a checkpoint.')
 
 
 def _wait_for_result(job: Any, timeout: float) -> Any:

@@ -295,6 +295,45 @@ class Audit:
         found = {'kind': kind, 'txn_id': row.txn_id, 'account': row.account, **detail}
         self.anomalies.append(found)
 
+    def state(self) -> dict[str, Any]:
+        """Return the audit so far as a small JSON-serialisable checkpoint.
+
+        The transaction ids already seen are left out: they are as many as the rows,
+        and `resume` reads them back from the rows already audited.
+
+        Returns:
+            The row count, the balances, the anomalies and the latest date posted.
+        """
+        return {
+            'rows': self.rows,
+            'balances': dict(self.balances),
+            'anomalies': [dict(found) for found in self.anomalies],
+            'latest': None if self._latest is None else self._latest.isoformat(),
+        }
+
+    @classmethod
+    def resume(cls, customer: str, state: dict[str, Any],
+               audited: Iterable[LedgerRow]) -> Audit:
+        """Rebuild an audit from a checkpoint that `state` returned.
+
+        Args:
+            customer: The customer whose rows are audited.
+            state: The checkpoint.
+            audited: The rows the checkpoint covers; only their ids are read, so no
+                row is counted twice.
+
+        Returns:
+            An audit that goes on where the checkpoint left off.
+        """
+        audit = cls(customer)
+        audit.rows = int(state['rows'])
+        audit.balances = dict(state['balances'])
+        audit.anomalies = [dict(found) for found in state['anomalies']]
+        latest = state.get('latest')
+        audit._latest = None if latest is None else datetime.date.fromisoformat(latest)
+        audit._seen = {row.txn_id for row in audited if row.customer == customer}
+        return audit
+
     def summary(self) -> dict[str, Any]:
         """Return what the audit found so far.
 
