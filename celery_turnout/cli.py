@@ -44,6 +44,8 @@ def turnout(ctx: click.Context) -> None:
 def jobs(ctx: click.Context, timeout: float, as_json: bool) -> None:
     """List the jobs every worker holds: owner, attempt, age, progress."""
     app: Celery = ctx.obj.app
+    # Workers answer at once; the broadcast then waits out its timeout.
+    asked = time.time()
     replies = app.control.broadcast('turnout-jobs', reply=True, timeout=timeout)
     held, errors = gather_jobs(replies)
     if as_json:
@@ -54,7 +56,7 @@ def jobs(ctx: click.Context, timeout: float, as_json: bool) -> None:
     if not held:
         click.echo('No turnout jobs are running.')
         return
-    for line in jobs_table(held, time.time()):
+    for line in jobs_table(held, asked):
         click.echo(line)
 
 
@@ -164,9 +166,10 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
                    f'{progress.get("attempt")}, '
                    f'{duration(now - progress.get("at", now))} ago)')
     if checkpoint:
-        click.echo(f'checkpoint: {json.dumps(checkpoint.get("state"))[:60]} '
-                   f'(attempt {checkpoint.get("attempt")}, '
-                   f'{duration(now - checkpoint.get("at", now))} ago)')
+        size = len(json.dumps(checkpoint.get('state')))
+        click.echo(f'checkpoint: {size} bytes of JSON saved by attempt '
+                   f'{checkpoint.get("attempt")}, '
+                   f'{duration(now - checkpoint.get("at", now))} ago')
     if cancelled:
         click.echo(f'cancelled: {cancelled}')
 
