@@ -15,6 +15,7 @@ from celery.signals import task_revoked
 import celery_turnout
 from celery_turnout import supervision
 from celery_turnout.errors import JobSuperseded
+from celery_turnout.intake import _fail_exhausted
 from celery_turnout.ledger import HeldJob
 from celery_turnout.progress import Reporter
 from celery_turnout.settings import Settings
@@ -152,3 +153,16 @@ def test_job_superseded_is_what_a_refused_checkpoint_raises(app):
             task.checkpoint({'next': 1})
     finally:
         task.pop_request()
+
+
+def test_an_exhausted_job_fences_its_last_attempt(app):
+    store = store_for(app)
+    supervisor = Supervisor(app, 'w2@host', Settings.from_app(app), store)
+    claim(app, 1)
+    claim(app, 2)
+
+    _fail_exhausted(supervisor, app.tasks['unit.resumable'], 'job-1', 3, {})
+
+    assert app.AsyncResult('job-1').state == 'FAILURE'
+    assert store.superseded('job-1', 2), 'a paused last attempt must not go on'
+    assert not store.save_progress('job-1', 2, {'done': 1, 'attempt': 2})
