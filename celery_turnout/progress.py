@@ -207,9 +207,11 @@ class ProgressWatch:
         except Exception as exc:
             if not self._store_down:
                 logger.warning(
-                    'Worker %s cannot read the progress of its %d job(s): the '
-                    'turnout store is unreachable (%r). Supervision goes on.',
-                    supervisor.hostname, len(jobs), exc,
+                    'Worker %s cannot read the progress of its job(s) %s: the '
+                    'turnout store is unreachable (%r). Supervision goes on, and '
+                    'stalls are not checked until the store answers.',
+                    supervisor.hostname,
+                    ', '.join(f'{job.id} attempt {job.attempt}' for job in jobs), exc,
                 )
             self._store_down = True
             return
