@@ -135,14 +135,16 @@ def test_a_checker_dying_in_the_middle_of_a_takeover_loses_and_doubles_nothing(
 def test_a_worker_dying_half_way_through_its_hand_off_loses_and_doubles_nothing(
     cluster: Cluster, point: str
 ) -> None:
+    seconds = 10.0
     leaving = start_with_fault(cluster, point)
-    job = cluster.send("it.sleeper", 4.0)
+    job = cluster.send("it.sleeper", seconds)
     cluster.wait_started(job.id)
     wait_until_covered(cluster, job.id)
     cluster.start(1)
+    assert not cluster.records.events(job.id, "finish"), "too slow a start"
 
     leaving.signal(signal.SIGTERM)
     wait_for_exit(leaving, 15)
 
-    outcome = assert_ran_once_per_attempt(cluster, job, 4.0)
+    outcome = assert_ran_once_per_attempt(cluster, job, seconds)
     assert outcome["attempt"] == 2

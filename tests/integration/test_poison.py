@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from harness import Cluster, stays_false
 from poison_jobs import POISON_TAKEOVERS
+from test_faults import short_redelivery
 
 import celery_turnout
 from celery_turnout import JobExhausted
@@ -47,6 +48,9 @@ def test_a_job_that_always_kills_its_pool_process_fails_after_its_takeovers(
 def test_a_job_that_kills_every_worker_it_runs_on_stops_and_fails_for_good(
     cluster: Cluster,
 ) -> None:
+    # A job that kills its worker before the first tick covers it comes back
+    # through the broker: on Redis only after the visibility timeout.
+    short_redelivery(cluster)
     workers = cluster.start(POISON_TAKEOVERS + 2, concurrency=1)
     job = cluster.send("it.kills_its_worker")
 
