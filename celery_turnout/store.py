@@ -129,7 +129,6 @@ class Store(ABC):
     # superseded (a later attempt claimed the job, it finished or it was
     # cancelled), so a zombie copy can never overwrite a newer attempt's.
 
-    @abstractmethod
     def save_progress(
         self, job: str, attempt: int, progress: Mapping[str, Any],
     ) -> bool:
@@ -138,8 +137,8 @@ class Store(ABC):
         Returns:
             False, and nothing written, when ``attempt`` was superseded.
         """
+        return self._save(job, attempt, [('progress', dict(progress))])
 
-    @abstractmethod
     def save_checkpoint(
         self, job: str, attempt: int, state: Any,
         progress: Mapping[str, Any] | None = None,
@@ -152,6 +151,16 @@ class Store(ABC):
         Returns:
             False, and nothing written, when ``attempt`` was superseded.
         """
+        records = [('checkpoint', _checkpoint_record(attempt, state))]
+        if progress is not None:
+            records.append(('progress', dict(progress)))
+        return self._save(job, attempt, records)
+
+    @abstractmethod
+    def _save(
+        self, job: str, attempt: int, records: list[tuple[str, dict[str, Any]]],
+    ) -> bool:
+        """Write named records of ``job`` at once, unless ``attempt`` is superseded."""
 
     @abstractmethod
     def progress(self, job: str) -> dict[str, Any] | None:
@@ -312,20 +321,6 @@ class RedisStore(Store):
         rows = self._client.lrange(self._key(job, 'history'), 0, -1)
         return [json.loads(row) for row in rows]
 
-    def save_progress(
-        self, job: str, attempt: int, progress: Mapping[str, Any],
-    ) -> bool:
-        return self._save(job, attempt, [('progress', dict(progress))])
-
-    def save_checkpoint(
-        self, job: str, attempt: int, state: Any,
-        progress: Mapping[str, Any] | None = None,
-    ) -> bool:
-        records = [('checkpoint', _checkpoint_record(attempt, state))]
-        if progress is not None:
-            records.append(('progress', dict(progress)))
-        return self._save(job, attempt, records)
-
     def _save(
         self, job: str, attempt: int, records: list[tuple[str, dict[str, Any]]],
     ) -> bool:
@@ -459,20 +454,6 @@ class FileStore(Store):
                 return [json.loads(line) for line in file if line.strip()]
         except FileNotFoundError:
             return []
-
-    def save_progress(
-        self, job: str, attempt: int, progress: Mapping[str, Any],
-    ) -> bool:
-        return self._save(job, attempt, [('progress', dict(progress))])
-
-    def save_checkpoint(
-        self, job: str, attempt: int, state: Any,
-        progress: Mapping[str, Any] | None = None,
-    ) -> bool:
-        records = [('checkpoint', _checkpoint_record(attempt, state))]
-        if progress is not None:
-            records.append(('progress', dict(progress)))
-        return self._save(job, attempt, records)
 
     def _save(
         self, job: str, attempt: int, records: list[tuple[str, dict[str, Any]]],
