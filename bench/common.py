@@ -478,37 +478,3 @@ def versions(rabbit: RabbitServer | None = None) -> str:
               f"CPU {model}", f"nice {os.nice(0)}"]
     return "# " + ", ".join(parts)
 
-
-def inclusive_shares(
-    folded: str, within: str, top: int = 15,
-) -> tuple[int, int, list[tuple[str, int]]]:
-    """Read py-spy's raw output; rank functions by inclusive samples.
-
-    Args:
-        folded: py-spy ``record --format raw`` output, ``frame;...;frame count``.
-        within: Only stacks with a frame containing this text are ranked.
-        top: How many functions to return.
-
-    Returns:
-        All samples, the samples within, and the ``top`` functions of those
-        (``function (file)``, samples that had it on the stack).
-    """
-    total = inside = 0
-    counts: dict[str, int] = {}
-    for line in folded.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        if within not in stack:
-            continue
-        inside += count
-        names = set()
-        for frame in stack.split(";"):
-            function, _, where = frame.partition(" (")
-            names.add(f"{function} ({where.rsplit(':', 1)[0]})")
-        for name in names:
-            counts[name] = counts.get(name, 0) + count
-    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-    return total, inside, ranked

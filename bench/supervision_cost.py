@@ -25,8 +25,6 @@ Each job count gets a fresh worker, queue and turnout prefix.
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -38,9 +36,7 @@ from common import (
     Cluster,
     add_source_option,
     brokers,
-    inclusive_shares,
     install_cleanup,
-    kill_group,
     make_workdir,
     pin_turnout,
     table,
@@ -103,13 +99,9 @@ def _delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int
 
 def measure(
     broker: Broker, workdir: Path, interval: float, jobs: int, window: int,
-    concurrency: int, py_spy: str = "",
+    concurrency: int,
 ) -> dict[str, Any]:
-    """Hold ``jobs`` sleeping jobs on one worker; return per-interval costs.
-
-    With ``py_spy``, the worker's main process is sampled during the window
-    and the result has the supervision thread's busiest functions.
-    """
+    """Hold ``jobs`` sleeping jobs on one worker; return per-interval costs."""
     cluster = Cluster(broker, workdir, interval, f"{broker.name}-{jobs}")
     try:
         (worker,) = cluster.start(1, pool="threads", concurrency=concurrency)
@@ -122,33 +114,14 @@ def measure(
 
         wait_for(covered, 60 + 5 * interval, f"{jobs} jobs to be covered", 0.2)
         time.sleep(2 * interval)  # the acknowledgements and first checks settle
-        sampler = None
-        folded = cluster.directory / "py-spy.txt"
-        if py_spy:
-            sampler = subprocess.Popen(
-                [py_spy, "record", "--pid", str(worker.pid), "--format", "raw",
-                 "--rate", "100", "--nonblocking", "-o", str(folded)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
         before = snapshot(broker, worker.pid)
         time.sleep(window * interval)
         after = snapshot(broker, worker.pid)
-        if sampler is not None:
-            sampler.send_signal(signal.SIGINT)
-            try:
-                sampler.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                kill_group(sampler)
         if not worker.alive():
             raise RuntimeError(f"worker died; see {worker.log_path}")
         result = {"jobs": jobs, **costs(before, after, interval)}
         takeovers = cluster.grep_logs("takes over")
         result["takeovers"] = len(takeovers)
-        if sampler is not None and folded.exists():
-            result["profile"] = inclusive_shares(
-                folded.read_text(), "_run (celery_turnout/supervision.py",
-            )
         return result
     finally:
         cluster.destroy()
@@ -196,20 +169,6 @@ def report(name: str, results: list[dict[str, Any]], interval: float) -> str:
     ])
 
 
-def profile_table(name: str, jobs: int, profiled: Any) -> str:
-    """The supervision thread's busiest functions, from py-spy samples."""
-    total, inside, ranked = profiled
-    rows = [[function, count, f"{100 * count / max(1, total):.1f}%"]
-            for function, count in ranked]
-    return "\n".join([
-        f"{name}, {jobs} jobs: py-spy (100 Hz, non-idle threads) of the worker's "
-        f"main process, {total} samples, {inside} in the supervision thread; "
-        "its functions by samples with them on the stack",
-        "",
-        table(["function", "samples", "share of all"], rows),
-    ])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, measure every job count on every broker, print tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -223,9 +182,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="intervals measured per job count")
     parser.add_argument("--concurrency", type=int, default=1000,
                         help="threads of the worker's pool (-c)")
-    parser.add_argument("--py-spy", default="",
-                        help="py-spy binary: sample the worker at the largest "
-                        "job count and rank the supervision thread's functions")
     add_source_option(parser)
     args = parser.parse_args(argv)
     names = [n for n in args.brokers.split(",") if n]
@@ -244,15 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             results = []
             for jobs in counts:
-                spy = args.py_spy if jobs == max(counts) else ""
                 result = measure(found[name], workdir, args.interval, jobs,
-                                 args.window, args.concurrency, spy)
+                                 args.window, args.concurrency)
                 print(f"[{name}] {jobs} jobs: {result}", flush=True)
                 results.append(result)
             tables.append(report(name, results, args.interval))
-            profiled = results[-1].get("profile")
-            if profiled:
-                tables.append(profile_table(name, results[-1]["jobs"], profiled))
     print()
     print("\n\n".join(tables))
     return 0
