@@ -50,7 +50,18 @@ intervals before it.
 *Takeover latency.* For each first takeover of an attempt explained by a
 disruption: from the signal (the SIGKILL, the SIGTERM, or the SIGSTOP that
 began the pause) to the first start of that attempt or a later one, in
-supervise intervals. Hand-offs (SIGTERM) are given separately.
+supervise intervals. Hand-offs (SIGTERM) are given separately. When jobs wait
+in the queue or in a worker's reserve for a free pool process, this includes
+the wait. *Detection latency*, per disruption followed by a takeover of its
+worker: from the signal to the first re-dispatch (``taken_over`` event) it
+explains; it does not include the wait.
+
+*Revoked.* ``revoked`` events in a history: the run never revokes a job, so
+each one is a copy that Celery reported as revoked on its own.
+
+*Most jobs held.* The largest job count in a worker's "takes over its N
+job(s)" or "handing off N turnout job(s)" log line: how many jobs one worker
+had reserved at once.
 
 *Missed takeover.* A pause longer than the detection bound plus one second of
 a worker that held a copy started at least one interval before the pause and
@@ -83,6 +94,7 @@ SHOWN = 10
 
 #: The worker log lines that tell what happened to a finished copy's outcome.
 DROPPED = re.compile(r"Job (\S+) attempt (\d+) ended on (\S+) after a newer attempt")
+HELD = re.compile(r"takes over its (\d+) job|handing off (\d+) turnout job")
 STORED_LATE = re.compile(r"Job (\S+) attempt (\d+) stored its outcome on (\S+) just")
 
 
@@ -133,6 +145,7 @@ class Takeover:
     at: float
     cause: dict[str, Any] | None
     next_start: float | None
+    reason: str = ""
 
     @property
     def latency(self) -> float | None:
@@ -161,6 +174,8 @@ class Report:
     pauses: dict[str, int]
     missed: list[str]
     orphans: list[str]
+    revoked: list[str]
+    most_held: int
     notes: list[str]
     details: list[str] = field(default_factory=list)
 
@@ -198,8 +213,12 @@ class Report:
             f"unfenced overlaps: {len(self.unfenced)}",
             f"fence lag: max {_fmt(max(lags, default=None), i)} intervals; "
             f"slow fences (> 1 interval + {FENCE_SLACK:g} s): {len(slow)}",
-            f"takeovers: {len(self.takeovers)}, false takeovers: "
-            f"{len(self.false_takeovers)}; hand-offs: {len(self.handoffs)}",
+            f"takeovers: {len(self.takeovers)} (of {_checks(self.takeovers)} "
+            f"workers' ticks), false takeovers: {len(self.false_takeovers)} (of "
+            f"{_checks(self.false_takeovers)} ticks); hand-offs: "
+            f"{len(self.handoffs)}",
+            "detection latency (signal to first re-dispatch, intervals): "
+            + _percentiles(_detections(self.takeovers), i),
             "takeover latency (signal to next attempt's start, intervals): "
             + _percentiles([t.latency for t in _first(self.takeovers)], i),
             "  after SIGKILL: "
@@ -213,6 +232,8 @@ class Report:
             "{missed} missed)".format(missed=len(self.missed), **self.pauses),
             f"pool processes outliving their main process by > 2 s: "
             f"{len(self.orphans)}",
+            f"copies reported revoked (no revoke was sent): {len(self.revoked)}",
+            f"most jobs held by one worker at once: {self.most_held}",
         ]
         for note in self.notes:
             out.append(f"note: {note}")
@@ -304,7 +325,7 @@ def compute(
                       if c.attempt >= e["attempt"] and c.start >= at - 0.5]
             takeover = Takeover(
                 job, int(e["attempt"]), e["event"], lost_worker, at, cause,
-                min(starts, default=None),
+                min(starts, default=None), str(e.get("reason", "")),
             )
             (takeovers if e["event"] == "taken_over" else handoffs).append(takeover)
 
@@ -327,6 +348,14 @@ def compute(
         pauses=pauses,
         missed=missed,
         orphans=orphans,
+        revoked=[
+            f"{job} attempt {e['attempt']} on {e['worker']} at {e['at']:.2f}"
+            for job, events in history.items() for e in events
+            if e["event"] == "revoked"
+        ],
+        most_held=max(
+            (int(a or b) for a, b in HELD.findall(log)), default=0
+        ),
         notes=list(data.get("failures", [])),
     )
     report.details = _details(report, per_job, history, states)
@@ -473,6 +502,21 @@ def _orphans(
     return found
 
 
+def _detections(takeovers: Iterable[Takeover]) -> list[float | None]:
+    """Per disruption that explains takeovers: seconds to the first of them."""
+    first: dict[tuple[str, float], float] = {}
+    for t in takeovers:
+        if t.cause is not None and t.cause["kind"] in ("kill", "stop"):
+            key = (t.cause["worker"], float(t.cause["at"]))
+            first[key] = min(first.get(key, math.inf), t.at - key[1])
+    return list(first.values())
+
+
+def _checks(takeovers: Iterable[Takeover]) -> int:
+    """How many distinct checks (lost worker and reason) made these takeovers."""
+    return len({(t.lost, t.reason) for t in takeovers})
+
+
 def _first(takeovers: Iterable[Takeover]) -> list[Takeover]:
     seen: set[tuple[str, int]] = set()
     first = []
@@ -570,6 +614,8 @@ def _details(
         out.append(f"MISSED TAKEOVER {text}")
     for text in report.orphans[:SHOWN]:
         out.append(f"ORPHAN {text}")
+    for text in report.revoked[:SHOWN]:
+        out.append(f"REVOKED {text}")
     return out
 
 
@@ -577,9 +623,9 @@ def read_records(directory: Path) -> list[dict[str, Any]]:
     """Return every record of every job in ``directory``."""
     found = []
     for path in sorted(directory.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                found.append(json.loads(line))
+        # A line still being written has no newline yet: it is left out.
+        complete = path.read_text().rpartition("\n")[0]
+        found += [json.loads(line) for line in complete.splitlines() if line.strip()]
     return found
 
 
