@@ -30,6 +30,10 @@ ATTEMPT_HEADER = 'turnout_attempt'
 #: Header carrying the id of one published copy of a job's message.
 COPY_HEADER = 'turnout_copy'
 
+#: The most jobs one monitor message or fence notice may name; one worker holds
+#: far fewer, so a longer list is malformed (and would stall whoever reads it).
+MAX_JOBS = 20_000
+
 #: A job as a monitor message or fence notice names it: (job id, attempt).
 JobRef = tuple[str, int]
 
@@ -213,6 +217,8 @@ def _job_refs(fields: Mapping[str, Any]) -> tuple[JobRef, ...]:
     jobs = fields.get('jobs')
     if not isinstance(jobs, list):
         raise MalformedMessage("field 'jobs' must be a list")
+    if len(jobs) > MAX_JOBS:
+        raise MalformedMessage(f'names {len(jobs)} jobs, more than {MAX_JOBS}')
     refs = []
     for job in jobs:
         if (

@@ -353,11 +353,13 @@ class RedisStore(Store):
         due, head = self._claim_checks(
             keys=[self._board], args=[now, now + lease, limit],
         )
-        checks = [(_text(item), _text(item)) for item in due]
+        # surrogateescape keeps a foreign member's bytes intact, so that the
+        # token still removes it, while its body fails to parse as a check.
+        checks = [(_raw_text(item), _raw_text(item)) for item in due]
         return checks, None if head is None else float(head)
 
     def complete_check(self, token: str) -> None:
-        self._client.zrem(self._board, token)
+        self._client.zrem(self._board, token.encode('utf-8', 'surrogateescape'))
 
     def close(self) -> None:
         self._client.close()
@@ -543,7 +545,7 @@ class _JobLock:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as file:
+        with open(path, errors='surrogateescape') as file:
             return file.read()
     except FileNotFoundError:
         return None
@@ -579,6 +581,12 @@ def _loads(data: bytes | str | None) -> dict[str, Any] | None:
         return None
     record = json.loads(data)
     return record if isinstance(record, dict) else None
+
+
+def _raw_text(value: bytes | str) -> str:
+    if isinstance(value, bytes):
+        return value.decode('utf-8', 'surrogateescape')
+    return str(value)
 
 
 def _text(value: bytes | str) -> str:

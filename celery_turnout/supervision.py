@@ -45,6 +45,7 @@ from typing import Any
 from celery import Celery
 from celery.worker import state as worker_state
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.exceptions import OperationalError
 from kombu.message import Message
 
 from .errors import MalformedMessage
@@ -74,6 +75,8 @@ RECONNECT_DELAY = 1.0
 MAX_WAIT = 0.25
 #: Most monitor checks one worker claims from the board at a time.
 CLAIM_LIMIT = 100
+#: Most foreign messages a check drops from a lane before it gives up on it.
+PEEK_LIMIT = 10
 
 
 @dataclass(order=True)
@@ -145,20 +148,31 @@ class _Session:
         return int(count)
 
     def peek_tick(self, queue_name: str, accept: list[str]) -> int | None:
-        """The tick number of the first supervise message in a lane, left in place."""
-        q = Queue(queue_name, Exchange(''), routing_key=queue_name, no_declare=True)
-        try:
-            message = q.bind(self.channel).get(no_ack=False, accept=accept)
-        except self.connection.channel_errors:
-            return None
-        if message is None:
-            return None
-        try:
-            tick = message.decode().get('tick')
-        except Exception:  # a foreign message in a lane proves nothing
-            tick = None
-        message.requeue()
-        return tick if isinstance(tick, int) else None
+        """The tick of the first supervise message in a lane, which stays there.
+
+        A lane is private to its owner: foreign messages ahead of the first
+        supervise message are dropped, so that they cannot pass for one.
+        """
+        lane = Queue(
+            queue_name, Exchange(''), routing_key=queue_name, no_declare=True,
+        ).bind(self.channel)
+        for _ in range(PEEK_LIMIT):
+            try:
+                message = lane.get(no_ack=False, accept=accept)
+            except self.connection.channel_errors:
+                return None
+            if message is None:
+                return None
+            tick = _supervise_tick(message)
+            if tick is not None:
+                message.requeue()
+                return tick
+            logger.error(
+                'Dropping a foreign message (content type %r) from supervise lane '
+                '%s.', message.content_type, queue_name,
+            )
+            message.ack()
+        return None
 
     def _close_probe(self) -> None:
         try:
@@ -166,6 +180,17 @@ class _Session:
         except Exception:  # already closed by the broker
             pass
         self._probe = None
+
+
+def _supervise_tick(message: Message) -> int | None:
+    try:
+        body = message.decode()
+    except Exception:  # undecodable: not a supervise message
+        return None
+    if not isinstance(body, dict) or body.get('kind') != 'supervise':
+        return None
+    tick = body.get('tick')
+    return tick if isinstance(tick, int) and not isinstance(tick, bool) else None
 
 
 def _worker_queue(name: str, expires_ms: int) -> Queue:
@@ -455,7 +480,7 @@ class Supervisor:
                     break
                 if isinstance(exc, tuple(connection.recoverable_connection_errors)
                               + tuple(connection.connection_errors)
-                              + (socket.error,)):
+                              + (socket.error, OperationalError)):
                     logger.warning(
                         'Turnout supervision of worker %s lost the broker (%r); '
                         'reconnecting in %.0f s. Held jobs keep running.',
@@ -500,10 +525,7 @@ class Supervisor:
         with consumer:
             while not self._stopping.is_set():
                 self._run_commands(session)
-                if time.monotonic() >= self._next_tick:
-                    self._tick(session)
-                    self._schedule_tick()
-                    self.progress_watch.poll(session)
+                self._tick_if_due(session)
                 self._check_due(session)
                 try:
                     connection.drain_events(timeout=self._wait_time())
@@ -518,6 +540,17 @@ class Supervisor:
             except queue.Empty:
                 return
             command(session)
+
+    def _tick_if_due(self, session: _Session) -> None:
+        if time.monotonic() >= self._next_tick:
+            self._tick(session)
+            self._schedule_tick()
+            self.progress_watch.poll(session)
+
+    def _current_slot(self) -> float:
+        interval = self.settings.supervise_interval
+        periods = math.floor((time.monotonic() - self._origin) / interval)
+        return self._origin + periods * interval
 
     def _schedule_tick(self) -> None:
         interval = self.settings.supervise_interval
@@ -553,11 +586,15 @@ class Supervisor:
         self._tick_no += 1
         lane, previous = session.lanes[tick % 2], session.lanes[(tick + 1) % 2]
         now = time.time()
+        # The check is due one interval plus the grace after this tick's slot
+        # on the cadence, not after the moment the tick ran: a tick that runs
+        # late must not push its check past the next use of the same lane.
+        slot = now - (time.monotonic() - self._current_slot())
         session.publish(supervise_body(self.worker_id, tick), lane.name)
         fault_point('tick.after_supervise')
         monitor = Monitor(
             owner=self.worker_id, lane=lane.name, control=session.control.name,
-            tick=tick, due=now + self.settings.detection_bound,
+            tick=tick, due=slot + self.settings.detection_bound,
             jobs=tuple((job.id, job.attempt) for job in jobs),
         )
         if self._board is None:
@@ -630,7 +667,7 @@ class Supervisor:
 
     def _on_monitor(self, body: Any, message: Message) -> None:
         try:
-            monitor = Monitor.from_body(body)
+            monitor = self._parse_monitor(body)
         except MalformedMessage as exc:
             logger.error(
                 'Dropping a malformed message from monitor queue %s: %s.',
@@ -641,6 +678,20 @@ class Supervisor:
         heapq.heappush(
             self._pending, _Pending(monitor.due, next(self._seq), monitor, message),
         )
+
+    def _parse_monitor(self, body: Any) -> Monitor:
+        monitor = Monitor.from_body(body)
+        # A check may only send fences to, and count, turnout's own queues.
+        prefix = self.settings.queue_prefix
+        if not (
+            monitor.lane.startswith(f'{prefix}.supervise.')
+            and monitor.control.startswith(f'{prefix}.control.')
+        ):
+            raise MalformedMessage(
+                f'queues {monitor.lane!r:.80} and {monitor.control!r:.80} are not '
+                f'turnout queues of prefix {prefix!r}'
+            )
+        return monitor
 
     def _on_undecodable(self, message: Message, exc: Exception) -> None:
         logger.error(
@@ -664,12 +715,14 @@ class Supervisor:
     def _check_board(self, session: _Session, now: float) -> None:
         board = self._board
         assert board is not None
+        # A long takeover must not outlive its lease, or a second checker
+        # repeats it; a lease of two detection bounds leaves room.
         checks, upcoming = board.claim_checks(
-            now, self.settings.supervise_interval, CLAIM_LIMIT,
+            now, 2 * self.settings.detection_bound, CLAIM_LIMIT,
         )
         for token, body in checks:
             try:
-                monitor = Monitor.from_body(json.loads(body))
+                monitor = self._parse_monitor(json.loads(body))
             except (ValueError, MalformedMessage) as exc:
                 logger.error('Dropping a malformed monitor check: %s.', exc)
             else:
@@ -691,12 +744,15 @@ class Supervisor:
         # interval after the check was due; a check that late must look at
         # which tick the message in the lane comes from.
         stale_after = monitor.due + 0.8 * (settings.supervise_interval - settings.grace)
-        if now < stale_after:
-            return session.count(monitor.lane) > 0
+        if now < stale_after and session.count(monitor.lane) == 0:
+            return False
+        # Something is in the lane, or the check is too late to trust a count:
+        # only a supervise message of this tick or an older one proves death.
         tick = session.peek_tick(monitor.lane, self.accept)
         logger.info(
-            'Checked monitor message of %s tick %d %.1f s late; the lane holds '
-            'tick %s.', monitor.owner, monitor.tick, now - monitor.due, tick,
+            'Monitor check of worker %s tick %d, %.1f s after it was due: its lane '
+            'holds a supervise message of tick %s.',
+            monitor.owner, monitor.tick, now - monitor.due, tick,
         )
         return tick is not None and tick <= monitor.tick
 
@@ -722,6 +778,9 @@ class Supervisor:
                 session, job_id, attempt, 'taken_over', reason,
                 worker=lost, by=self.hostname,
             )
+            # A takeover of many jobs must not make this worker's own tick
+            # late, or its own jobs would be taken over in turn.
+            self._tick_if_due(session)
         fault_point('check.after_redispatch')
 
     def _redispatch(

@@ -15,6 +15,7 @@ import pytest
 from celery import Celery
 from kombu import Queue
 
+from celery_turnout.errors import MalformedMessage
 from celery_turnout.ledger import HeldJob
 from celery_turnout.messages import ATTEMPT_HEADER, COPY_HEADER, Fence, Monitor
 from celery_turnout.settings import Settings
@@ -91,6 +92,7 @@ def store(tmp_path):
 def supervisor(store):
     app = Celery('unit', broker='memory://')
     app.conf.turnout_store_url = 'file:///unused'
+    app.conf.turnout_queue_prefix = 'test'
     settings = Settings.from_app(app)
     return Supervisor(app, 'w1@host', settings, store)
 
@@ -240,14 +242,46 @@ def test_an_unread_supervise_message_means_takeover_fence_first(
     }).encode(), 9, {'event': 'started'})
     monitor = a_monitor_for(supervisor)
     session.counts[monitor.lane] = 1
+    session.lane_ticks[monitor.lane] = monitor.tick
 
     assert supervisor._owner_is_gone(session, monitor, monitor.due)
     supervisor._take_over(session, monitor)
-    assert session.ops[1:] == [
+    assert session.ops[2:] == [
         ('publish', 'fence', 'test.control.w9'),
         ('re-dispatch', 'job-1', 2),
     ]
     assert store.history('job-1')[-1]['event'] == 'taken_over'
+
+
+def test_a_lane_holding_anything_but_an_unread_tick_proves_nothing(
+    supervisor, session,
+):
+    monitor = a_monitor_for(supervisor, tick=4)
+    session.counts[monitor.lane] = 1
+    session.lane_ticks[monitor.lane] = None  # only foreign messages
+    assert not supervisor._owner_is_gone(session, monitor, monitor.due)
+    session.lane_ticks[monitor.lane] = 6
+    assert not supervisor._owner_is_gone(session, monitor, monitor.due)
+
+
+def test_a_tick_that_runs_late_keeps_the_check_due_time_of_its_slot(
+    supervisor, store, session,
+):
+    hold(supervisor, store)
+    interval = supervisor.settings.supervise_interval
+    supervisor._origin -= 0.4 * interval  # this tick runs 0.4 intervals late
+    supervisor._tick(session)
+    (_, body), = store.claim_checks(time.time() + 60, 1, 9)[0]
+    due = Monitor.from_body(json.loads(body)).due
+    slot = time.time() - 0.4 * interval
+    assert due == pytest.approx(slot + supervisor.settings.detection_bound, abs=0.05)
+
+
+def test_a_check_naming_queues_outside_the_prefix_is_malformed(supervisor):
+    body = a_monitor_for(supervisor).to_body()
+    assert supervisor._parse_monitor(body).lane == body['lane']
+    with pytest.raises(MalformedMessage, match='not turnout queues'):
+        supervisor._parse_monitor({**body, 'control': 'celery'})
 
 
 def test_an_empty_lane_at_the_due_time_means_the_owner_is_alive(supervisor, session):
