@@ -461,21 +461,7 @@ def test_garbage_on_the_control_queue_and_the_monitor_is_logged_and_dropped(
     forget_ghost(cluster, lane, ghost_control)
 
 
-#: Known failure: a check on the board whose bytes are not UTF-8 makes
-#: ``claim_checks`` raise (``UnicodeDecodeError`` in ``RedisStore`` and in
-#: ``FileStore._read``) before any check of the batch is handled or completed. The
-#: supervision thread of every worker that claims it fails and restarts, the check
-#: goes back on the board when its lease ends, claimed together with whatever real
-#: checks came due meanwhile, and so a dead worker's jobs are never taken over.
-#: TODO(undecodable board checks): drop this mark.
-UNDECODABLE_CHECK_POISONS_THE_BOARD = pytest.mark.xfail(
-    reason="a non-UTF-8 check on the board crashes every checker, for ever",
-    strict=False,
-)
-
-
 @pytest.mark.transports("filesystem", "redis")
-@UNDECODABLE_CHECK_POISONS_THE_BOARD
 def test_a_check_of_bytes_that_are_not_text_is_dropped_from_the_board(
     cluster: Cluster,
 ) -> None:
@@ -509,19 +495,7 @@ def test_a_check_of_bytes_that_are_not_text_is_dropped_from_the_board(
     assert off_the_board(cluster, garbage)
 
 
-#: Known failure: a check counts the messages in the lane it names, whatever they
-#: are, so one foreign message put into a live worker's lane between the purge and
-#: the check looks like an unread supervise message: the worker's jobs are taken
-#: over and its copies fenced. (A late check reads the tick in the lane and is not
-#: fooled.) TODO(lane contents): drop this mark.
-FOREIGN_MESSAGE_IN_A_LANE_TAKES_OVER = pytest.mark.xfail(
-    reason="an on-time check counts a foreign message in a lane as unread",
-    strict=False,
-)
-
-
 @pytest.mark.transports("redis")
-@FOREIGN_MESSAGE_IN_A_LANE_TAKES_OVER
 def test_foreign_messages_in_a_supervise_lane_take_no_job_over(
     cluster: Cluster,
 ) -> None:
@@ -547,21 +521,7 @@ def test_foreign_messages_in_a_supervise_lane_take_no_job_over(
     assert all(w.process.poll() is None for w in cluster.workers)
 
 
-#: Known failure: the supervision thread handles a fence notice or a takeover job
-#: by job, in line with its ticks: a fence notice of 50,000 entries delays the
-#: owner's next tick past its peers' checks (its job is taken over, more than
-#: once), and a takeover of 10,000 jobs (two store round trips and a log line
-#: each, about 5 s on Redis) stops the checker's own ticks, so that its jobs are
-#: taken over too. Any tick that runs more than the grace late has this effect.
-#: TODO(ticks that never wait for a large fence or takeover): drop this mark.
-LARGE_JOB_LISTS_STALL_TICKS = pytest.mark.xfail(
-    reason="oversized fence or takeover job lists delay ticks past the grace",
-    strict=False,
-)
-
-
 @pytest.mark.transports("redis")
-@LARGE_JOB_LISTS_STALL_TICKS
 def test_oversized_job_lists_are_dropped_without_taking_any_job_over(
     cluster: Cluster, figure: Any
 ) -> None:

@@ -48,19 +48,6 @@ BROKER_START_TIMEOUT = 60.0
 #: backs off for longer, and the ``turnout-jobs`` reply has to travel too.
 RESUME_WITHIN = 30.0
 
-#: Known failure: the first tick after the supervision thread reconnects fires at
-#: once, off the tick cadence, and the next one follows at the next cadence slot,
-#: possibly well under one interval later. The tick after that refills the first
-#: tick's lane before that tick's check is due (one interval plus the grace after
-#: it), so the check counts a message in the lane and a live owner is taken over,
-#: by a peer or by itself (about one Redis restart in two here).
-#: TODO(first tick after a reconnection): drop this mark.
-REFILLED_LANE_AFTER_RECONNECT = pytest.mark.xfail(
-    reason="a tick after a reconnection can refill a lane before its check is due",
-    strict=False,
-)
-
-
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -402,7 +389,6 @@ def alive(workers: list[Worker]) -> bool:
 
 
 @pytest.mark.transports("redis")
-@REFILLED_LANE_AFTER_RECONNECT
 def test_a_redis_restart_mid_job_causes_no_takeover_and_supervision_resumes(
     cluster: Cluster,
     private_broker: PrivateRedis,
@@ -414,7 +400,6 @@ def test_a_redis_restart_mid_job_causes_no_takeover_and_supervision_resumes(
 
 
 @pytest.mark.transports("rabbitmq")
-@REFILLED_LANE_AFTER_RECONNECT
 def test_a_rabbitmq_restart_mid_job_causes_no_takeover_and_supervision_resumes(
     cluster: Cluster,
     private_broker: PrivateRabbit,
