@@ -6,7 +6,8 @@ the jobs, waits until supervise ticks cover all of them, holds them for
 ``--step-intervals`` intervals and fails the size if any worker took a job
 over (no worker dies here, so every takeover is false) or the jobs were not
 covered in time. The largest size that passed is then held on fresh workers
-for ``--minutes``; the table gives the takeovers seen, the broker traffic and
+for ``--minutes`` (if it fails there, the next smaller passing size, up to
+``--hold-tries`` sizes); the table gives the takeovers seen, the broker traffic and
 the CPU time of both workers' main processes per interval at that size, next
 to the same two workers holding no job.
 
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="intervals each ramp step holds its jobs")
     parser.add_argument("--minutes", type=float, default=10.0,
                         help="how long the largest passing size is held")
+    parser.add_argument("--hold-tries", type=int, default=2,
+                        help="passing sizes tried, largest first, until one "
+                        "holds for --minutes")
     add_source_option(parser)
     args = parser.parse_args(argv)
     names = [n for n in args.brokers.split(",") if n]
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                *(argv if argv is not None else sys.argv[1:])]))
         for name in names:
             broker = found[name]
-            best = 0
+            passed: list[int] = []
             for size in sizes:
                 step = hold(broker, workdir, args.interval, size,
                             args.step_intervals * args.interval,
@@ -169,15 +173,22 @@ def main(argv: list[str] | None = None) -> int:
                 ])
                 if not step["ok"]:
                     break
-                best = size
-            if not best:
+                passed.append(size)
+            if not passed:
                 continue
             idle = hold(broker, workdir, args.interval, 0, 20 * args.interval,
                         f"{name}-idle", measure=True)
-            final = hold(broker, workdir, args.interval, best, args.minutes * 60,
-                         f"{name}-hold{best}", measure=True)
-            print(f"[{name}] hold {best}: {final}", flush=True)
-            for r in (idle, final):
+            held = [idle]
+            # A size that passed the short step can still fail the long hold:
+            # then try the next smaller one, at most --hold-tries sizes.
+            for size in reversed(passed[-args.hold_tries:]):
+                final = hold(broker, workdir, args.interval, size,
+                             args.minutes * 60, f"{name}-hold{size}", measure=True)
+                print(f"[{name}] hold {size}: {final}", flush=True)
+                held.append(final)
+                if final["ok"]:
+                    break
+            for r in held:
                 total = sum(r.get("redis", {}).values())
                 rabbit = r.get("rabbit", {})
                 sockets = r.get("sockets", {})
@@ -187,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append([
                     name, r["jobs"],
-                    f"{args.minutes:g} min" if r is final else "idle",
+                    "idle" if r is idle else f"{args.minutes:g} min"
+                    + ("" if r["ok"] else " FAILED"),
                     r.get("log", "-"), r.get("history", "-"),
                     r.get("late_checks", "-"),
                     f"{r.get('cpu_ms', float('nan')):.1f}", f"{total:.1f}",
