@@ -292,6 +292,17 @@ class TurnoutRequest(Request):
             return None
 
         supervisor.ledger.discard(job)
+        superseded = isinstance(exc, Ignore) and supervisor.store.superseded(
+            job.id, job.attempt,
+        )
+        if superseded:
+            # The copy found out by itself that a newer attempt took over (its
+            # progress, checkpoint or end was refused) before this worker's
+            # next tick read the fence notice: it is fenced all the same.
+            job.released = 'fenced'
+            supervisor.store.log(job.id, supervisor.event('fenced', job.attempt))
+            announce_now(supervisor, 'fenced', job.id, job.attempt, job.task,
+                         worker=supervisor.hostname)
         if not isinstance(exc, (Ignore, Retry, Reject, Terminated)):
             announce_now(supervisor, 'finished', job.id, job.attempt, job.task,
                          worker=supervisor.hostname, state=FAILURE)

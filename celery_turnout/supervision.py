@@ -335,7 +335,7 @@ class Supervisor:
         if job.released is not None:
             return
         job.released = reason
-        self.store.log(job.id, self._event(reason, job.attempt, **detail))
+        self.store.log(job.id, self.event(reason, job.attempt, **detail))
         self.call_soon(lambda: self.stop_copy(job))
 
     def release_uncovered(self) -> None:
@@ -610,7 +610,7 @@ class Supervisor:
         fresh = [job for job in jobs if not job.covered]
         for job in fresh:
             job.covered = True
-            self.store.log(job.id, self._event('covered', job.attempt, tick=tick))
+            self.store.log(job.id, self.event('covered', job.attempt, tick=tick))
             logger.info(
                 'Job %s attempt %d is covered by supervise tick %d of worker %s; '
                 'its message is acknowledged and a dead worker is now detected '
@@ -818,7 +818,7 @@ class Supervisor:
             content_encoding=stored.content_encoding, **stored.properties,
         )
         self.store.log(
-            job_id, self._event(event, attempt + 1, reason=reason, **detail),
+            job_id, self.event(event, attempt + 1, reason=reason, **detail),
         )
         logger.warning(
             'Re-dispatched job %s (%s) as attempt %d to %r: %s.',
@@ -827,7 +827,8 @@ class Supervisor:
         announce(self, 'taken_over', job_id, attempt + 1, stored.task,
                  worker=self.hostname, cause=event, reason=reason)
 
-    def _event(self, name: str, attempt: int, **detail: Any) -> dict[str, Any]:
+    def event(self, name: str, attempt: int, **detail: Any) -> dict[str, Any]:
+        """A history event of a job, recorded by this worker."""
         event = {'event': name, 'attempt': attempt, 'worker': self.hostname,
                  'at': time.time()}
         event.update(detail)

@@ -117,17 +117,19 @@ def test_an_owner_dying_between_storing_the_outcome_and_claiming_completion_keep
 def test_a_checker_dying_in_the_middle_of_a_takeover_loses_and_doubles_nothing(
     cluster: Cluster, point: str
 ) -> None:
+    seconds = 10.0
     (owner,) = cluster.start(1)
-    job = cluster.send("it.sleeper", 4.0)
+    job = cluster.send("it.sleeper", seconds)
     cluster.wait_started(job.id)
     wait_until_covered(cluster, job.id)
     checker = start_with_fault(cluster, point)
+    assert not cluster.records.events(job.id, "finish"), "too slow a start"
 
     owner.kill()
     wait_for_exit(checker, 10 * cluster.interval)
     cluster.start(1)
 
-    outcome = assert_ran_once_per_attempt(cluster, job, 4.0)
+    outcome = assert_ran_once_per_attempt(cluster, job, seconds)
     assert outcome["attempt"] == 2
 
 
