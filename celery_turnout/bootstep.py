@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from celery import bootsteps
@@ -14,6 +15,8 @@ from .errors import ImproperlyConfigured
 from .settings import Settings
 from .store import store_for
 from .supervision import Supervisor, register, supervisor_of
+
+logger = logging.getLogger(__name__)
 
 #: Seconds between runs of the main-thread steps that the supervision thread
 #: queues (acknowledging covered jobs, stopping fenced copies).
@@ -93,8 +96,15 @@ class Supervision(bootsteps.StartStopStep):
         if _leaving():
             if supervisor.settings.shutdown == 'handoff':
                 # Stop taking jobs first, or this worker would be handed its own.
-                if c.task_consumer is not None:
-                    c.task_consumer.cancel()
+                try:
+                    if c.task_consumer is not None:
+                        c.task_consumer.cancel()
+                except Exception as exc:
+                    logger.warning(
+                        'Worker %s could not stop its task consumer before handing '
+                        'off its jobs (%r); handing them off anyway.',
+                        c.hostname, exc,
+                    )
                 supervisor.hand_off(HANDOFF_TIMEOUT)
         else:
             supervisor.release_uncovered()

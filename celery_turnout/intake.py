@@ -133,6 +133,16 @@ def admit(
             'Job %s (%s) attempt %d admitted on worker %s.',
             job_id, task.name, admission.attempt, supervisor.hostname,
         )
+        older = supervisor.ledger.get(job_id)
+        if older is not None and older.released is None:
+            # This worker was presumed dead and now gets the job's next attempt:
+            # its own older copy is fenced as on any other worker.
+            logger.warning(
+                'Job %s attempt %d arrives at worker %s, which still holds attempt '
+                '%d of it; stopping the older copy.', job_id, admission.attempt,
+                supervisor.hostname, older.attempt,
+            )
+            supervisor.release(older, 'fenced', by=supervisor.hostname)
         job = HeldJob(job_id, task.name, admission.attempt, copy)
         supervisor.ledger.add(job)
         return job

@@ -299,7 +299,9 @@ class Supervisor:
         if request is None:
             return
         pid = getattr(request, 'worker_pid', None)
-        if pid:
+        # Only while the copy still runs there: a pool process that finished it
+        # may already run another job, which must not die in its place.
+        if pid and request in worker_state.active_requests:
             self._kill(job, pid)
         if not request.acknowledged:
             request.acknowledge()
@@ -646,10 +648,10 @@ class Supervisor:
                     session.control.name, exc,
                 )
             else:
-                self._obey(fence)
+                self._obey(session, fence)
             message.ack()
 
-    def _obey(self, fence: Fence) -> None:
+    def _obey(self, session: _Session, fence: Fence) -> None:
         for job_id, attempt in fence.jobs:
             job = self.ledger.get(job_id)
             if job is None or job.released is not None or job.attempt > attempt:
@@ -662,6 +664,14 @@ class Supervisor:
             self.release(job, 'fenced', by=fence.by)
             announce(self, 'fenced', job.id, job.attempt, job.task,
                      worker=self.hostname, by=fence.by, reason=fence.reason)
+            # The checker sends the fence notice before it re-dispatches; if it
+            # died in between, nobody else would. A second copy is harmless:
+            # the start claim lets one run.
+            self._redispatch(
+                session, job.id, job.attempt, 'taken_over',
+                f'{fence.reason}; re-dispatched by the fenced owner in case '
+                f'{fence.by} could not', worker=self.hostname, by=self.hostname,
+            )
 
     # checker side
 
@@ -806,7 +816,14 @@ class Supervisor:
                 job_id, attempt,
             )
             return
-        stored = StoredMessage.loads(raw)
+        try:
+            stored = StoredMessage.loads(raw)
+        except MalformedMessage as exc:
+            logger.error(
+                'Cannot re-dispatch job %s attempt %d: %s. The job is lost.',
+                job_id, attempt, exc,
+            )
+            return
         headers = dict(stored.headers)
         headers.update({
             ATTEMPT_HEADER: attempt + 1, COPY_HEADER: uuid.uuid4().hex,

@@ -102,8 +102,19 @@ def session(supervisor):
     return RecordingSession(supervisor)
 
 
+def stored_message(job_id):
+    return json.dumps({
+        'task': 'app.audit', 'exchange': 'celery', 'routing_key': 'celery',
+        'headers': {'id': job_id, COPY_HEADER: f'copy-{job_id}'}, 'properties': {},
+        'body': '', 'content_type': 'application/json', 'content_encoding': 'utf-8',
+    }).encode()
+
+
 def hold(supervisor, store, job_id='job-1', attempt=1):
-    store.admit(job_id, attempt, f'copy-{job_id}', b'{}', 9, {'event': 'started'})
+    store.admit(
+        job_id, attempt, f'copy-{job_id}', stored_message(job_id), 9,
+        {'event': 'started'},
+    )
     job = HeldJob(job_id, 'app.audit', attempt, f'copy-{job_id}')
     job.request = FakeRequest()
     supervisor.ledger.add(job)
@@ -198,6 +209,10 @@ def test_a_fence_notice_is_obeyed_before_the_tick_names_the_job_again(
     supervisor._tick(session)
     assert notice.acked
     assert job.released == 'fenced' and other.released is None
+    # In case the checker died between its notice and its re-dispatch, the
+    # fenced owner re-dispatches the job itself, before it ticks on.
+    assert steps(session)[:3] == ['read control', 're-dispatch', 'read control']
+    assert session.ops[1] == ('re-dispatch', 'job-1', 2)
     (_, body), = store.claim_checks(time.time() + 60, 1, 9)[0]
     monitor = Monitor.from_body(json.loads(body))
     assert monitor.jobs == (('job-2', 1),)
@@ -235,11 +250,7 @@ def a_monitor_for(supervisor, lane_index=0, due=None, tick=0):
 def test_an_unread_supervise_message_means_takeover_fence_first(
     supervisor, store, session,
 ):
-    store.admit('job-1', 1, 'copy-a', json.dumps({
-        'task': 'app.audit', 'exchange': 'celery', 'routing_key': 'celery',
-        'headers': {'id': 'job-1', COPY_HEADER: 'copy-a'}, 'properties': {},
-        'body': '', 'content_type': 'application/json', 'content_encoding': 'utf-8',
-    }).encode(), 9, {'event': 'started'})
+    store.admit('job-1', 1, 'copy-a', stored_message('job-1'), 9, {'event': 'started'})
     monitor = a_monitor_for(supervisor)
     session.counts[monitor.lane] = 1
     session.lane_ticks[monitor.lane] = monitor.tick
