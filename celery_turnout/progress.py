@@ -197,9 +197,15 @@ class ProgressWatch:
         self._store_down = False
 
     def poll(self, session: Any) -> None:
-        """Read the progress of every held job at once, then look for stalls."""
+        """Read the progress of the watched jobs at once, then look for stalls.
+
+        Only jobs with a ``stall_timeout``, or every job when the worker sends
+        events, are watched on each tick: otherwise a tick's cost would grow
+        with the number of jobs held. ``inspect turnout-jobs`` reads the others
+        when it is asked (:meth:`refresh`).
+        """
         supervisor = self.supervisor
-        jobs = supervisor.ledger.held()
+        jobs = [job for job in supervisor.ledger.held() if self._watched(job)]
         if not jobs:
             return
         try:
@@ -228,6 +234,23 @@ class ProgressWatch:
                     supervisor.hostname, job.id, job.attempt,
                 )
                 job.stall_reported = None
+
+    def refresh(self) -> None:
+        """Read the progress of every held job now, without sending events."""
+        jobs = self.supervisor.ledger.held()
+        if not jobs:
+            return
+        records = self.supervisor.store.progress_of([job.id for job in jobs])
+        for job, record in zip(jobs, records, strict=True):
+            if record is not None and int(record.get('attempt') or 0) <= job.attempt:
+                job.progress = record
+
+    def _watched(self, job: HeldJob) -> bool:
+        dispatcher = self.supervisor.event_dispatcher
+        if dispatcher is not None and getattr(dispatcher, 'enabled', False):
+            return True
+        task = self.supervisor.app.tasks.get(job.task)
+        return bool(getattr(task, 'stall_timeout', None))
 
     def _learn(self, job: HeldJob, record: dict[str, Any] | None) -> None:
         if record is None or int(record.get('attempt') or 0) > job.attempt:

@@ -97,8 +97,15 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def finish(self, job: str, attempt: int, worker: str) -> bool:
-        """Mark ``job`` finished by ``attempt``; False if superseded or cancelled."""
+    def finish(
+        self, job: str, attempt: int, worker: str,
+        event: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Mark ``job`` finished by ``attempt``; False if superseded or cancelled.
+
+        ``event`` is added to the job's history in the same step when the mark
+        is written.
+        """
 
     @abstractmethod
     def superseded(self, job: str, attempt: int) -> bool:
@@ -119,6 +126,11 @@ class Store(ABC):
     @abstractmethod
     def log(self, job: str, *events: Mapping[str, Any]) -> None:
         """Append events to the history of ``job``."""
+
+    def log_many(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """Append one event to the history of each of several jobs."""
+        for job, event in entries:
+            self.log(job, event)
 
     @abstractmethod
     def history(self, job: str) -> list[dict[str, Any]]:
@@ -245,6 +257,10 @@ local holder = redis.call('GET', KEYS[1])
 if holder then return holder == ARGV[1] and 1 or 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
 return 1
 """
 
@@ -288,10 +304,15 @@ class RedisStore(Store):
         )
         return Admission(Verdict(_text(verdict)), int(started), _text(holder))
 
-    def finish(self, job: str, attempt: int, worker: str) -> bool:
-        keys = [self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel')]
+    def finish(
+        self, job: str, attempt: int, worker: str,
+        event: Mapping[str, Any] | None = None,
+    ) -> bool:
+        keys = [self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel'),
+                self._key(job, 'history')]
         mark = f'{DONE}{worker}:{attempt}'
-        return bool(self._finish(keys=keys, args=[mark, self.ttl]))
+        logged = json.dumps(dict(event)) if event is not None else ''
+        return bool(self._finish(keys=keys, args=[mark, self.ttl, logged]))
 
     def superseded(self, job: str, attempt: int) -> bool:
         keys = (self._key(job, f'claim:{attempt + 1}'), self._key(job, 'cancel'))
@@ -315,6 +336,14 @@ class RedisStore(Store):
         pipe = self._client.pipeline(transaction=False)
         pipe.rpush(key, *(json.dumps(dict(event)) for event in events))
         pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def log_many(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for job, event in entries:
+            key = self._key(job, 'history')
+            pipe.rpush(key, json.dumps(dict(event)))
+            pipe.expire(key, self.ttl)
         pipe.execute()
 
     def history(self, job: str) -> list[dict[str, Any]]:
@@ -413,7 +442,10 @@ class FileStore(Store):
                     return Admission(verdict, a, holder)
                 a += 1
 
-    def finish(self, job: str, attempt: int, worker: str) -> bool:
+    def finish(
+        self, job: str, attempt: int, worker: str,
+        event: Mapping[str, Any] | None = None,
+    ) -> bool:
         mark = f'{DONE}{worker}:{attempt}'
         with self._locked(job) as folder:
             path = os.path.join(folder, f'claim.{attempt + 1}')
@@ -423,6 +455,8 @@ class FileStore(Store):
             if os.path.exists(os.path.join(folder, 'cancel')):
                 return False
             _write(path, mark)
+            if event is not None:
+                self._append(folder, [event])
             return True
 
     def superseded(self, job: str, attempt: int) -> bool:

@@ -75,6 +75,8 @@ RECONNECT_DELAY = 1.0
 MAX_WAIT = 0.25
 #: Most monitor checks one worker claims from the board at a time.
 CLAIM_LIMIT = 100
+#: Most jobs a tick names one by one in its log; more are summed up in a line.
+COVER_LOG_LIMIT = 5
 #: Most foreign messages a check drops from a lane before it gives up on it.
 PEEK_LIMIT = 10
 
@@ -610,17 +612,34 @@ class Supervisor:
         self.proven_at = now
 
         fresh = [job for job in jobs if not job.covered]
+        if fresh:
+            self._cover(fresh, tick)
+
+    def _cover(self, fresh: list[HeldJob], tick: int) -> None:
         for job in fresh:
             job.covered = True
-            self.store.log(job.id, self.event('covered', job.attempt, tick=tick))
+        self.call_soon(lambda: _acknowledge(fresh))
+        # One store round trip and a bounded number of log lines, however many
+        # jobs arrived: a slow tick would look like a dead worker.
+        self.store.log_many(
+            [(job.id, self.event('covered', job.attempt, tick=tick)) for job in fresh],
+        )
+        if len(fresh) > COVER_LOG_LIMIT:
+            logger.info(
+                '%d jobs are covered by supervise tick %d of worker %s, among them '
+                '%s; their messages are acknowledged and a dead worker is now '
+                'detected within %.3g s.', len(fresh), tick, self.worker_id,
+                ', '.join(job.id for job in fresh[:COVER_LOG_LIMIT]),
+                self.settings.detection_bound,
+            )
+            return
+        for job in fresh:
             logger.info(
                 'Job %s attempt %d is covered by supervise tick %d of worker %s; '
                 'its message is acknowledged and a dead worker is now detected '
                 'within %.3g s.', job.id, job.attempt, tick, self.worker_id,
                 self.settings.detection_bound,
             )
-        if fresh:
-            self.call_soon(lambda: _acknowledge(fresh))
 
     def _prune_finished(self) -> None:
         def finished(job: HeldJob) -> bool:

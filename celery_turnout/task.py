@@ -235,7 +235,10 @@ class TurnoutTask(Task):
             return super().__call__(*args, **kwargs)
         job_id, worker = self.request.id, self.request.hostname
         store = store_for(self.app)
-        if store.superseded(job_id, attempt):
+        # A first attempt released before it started is stopped by the main
+        # process when a pool process accepts it; later attempts, which race
+        # with takeovers, check here too before they run.
+        if attempt > 1 and store.superseded(job_id, attempt):
             logger.warning(
                 'Not running job %s attempt %d on %s: it was taken over or '
                 'cancelled before a pool process got to it.', job_id, attempt, worker,
@@ -243,7 +246,9 @@ class TurnoutTask(Task):
             raise Ignore()
 
         reporter = self._resume(store, job_id, attempt, worker)
-        if not self.request.ignore_result:
+        # Like Celery, a first attempt is STARTED only when the task tracks it;
+        # a later one always says so, so that no earlier attempt's state stays.
+        if not self.request.ignore_result and (attempt > 1 or self.track_started):
             self.update_state(state=STARTED, meta={
                 'attempt': attempt, 'worker': worker, 'pid': os.getpid(),
                 **(reporter.meta() if reporter.value is not None else {}),
@@ -311,10 +316,9 @@ class TurnoutTask(Task):
         worker = self.request.hostname
         store = store_for(self.app)
         fault_point('finish.before_claim')
-        if store.finish(task_id, attempt, worker):
-            store.log(task_id, {'event': 'finished', 'attempt': attempt,
-                                'worker': worker, 'at': time.time(),
-                                'state': status})
+        finished = {'event': 'finished', 'attempt': attempt, 'worker': worker,
+                    'at': time.time(), 'state': status}
+        if store.finish(task_id, attempt, worker, finished):
             logger.info(
                 'Job %s attempt %d finished on %s (%s).',
                 task_id, attempt, worker, status,
