@@ -680,17 +680,18 @@ class Supervisor:
                 'presumed dead, so it stops its copy now.',
                 job_id, job.attempt, fence.by, fence.reason,
             )
-            self.release(job, 'fenced', by=fence.by)
-            announce(self, 'fenced', job.id, job.attempt, job.task,
-                     worker=self.hostname, by=fence.by, reason=fence.reason)
             # The checker sends the fence notice before it re-dispatches; if it
-            # died in between, nobody else would. A second copy is harmless:
-            # the start claim lets one run.
+            # died in between, nobody else would. So the owner re-dispatches the
+            # job too, before it acknowledges the job's message and before its
+            # tick goes on; the start claim lets one of the two copies run.
             self._redispatch(
                 session, job.id, job.attempt, 'taken_over',
                 f'{fence.reason}; re-dispatched by the fenced owner in case '
                 f'{fence.by} could not', worker=self.hostname, by=self.hostname,
             )
+            self.release(job, 'fenced', by=fence.by)
+            announce(self, 'fenced', job.id, job.attempt, job.task,
+                     worker=self.hostname, by=fence.by, reason=fence.reason)
 
     # checker side
 
