@@ -28,18 +28,22 @@ turnout dropped (``Ignore``: superseded) never count.
 *Concurrent copies.* Two copies of a job overlap when one starts before the
 other ended. The report gives the most copies of one job that ran at one time.
 
-*Fenced overlap.* An overlap of an older copy A (attempt a, on worker W) and a
-newer copy B (attempt b) is fenced when b > a and either W was disrupted
-between :data:`WINDOW` intervals before A's start and B's start (SIGKILLed or
-SIGTERMed at any time before B's start, or paused by a SIGSTOP that lasted into
-that window), or W obeyed a fence notice for attempt a (a ``fenced`` event of
-attempt a by W in the history). Any other overlap, and any overlap of two
-copies of the same attempt, is unfenced: two copies ran at once with no
-reason to presume the older one dead.
+*Fenced overlap.* An overlap of a copy A of attempt a (on worker W) and a
+copy B of a later attempt b is fenced when W was disrupted between
+:data:`WINDOW` intervals before the first of the two starts and the second
+start (SIGKILLed or SIGTERMed at any time before, or paused by a SIGSTOP that
+lasted into that window), or W obeyed a fence notice for attempt a (a
+``fenced`` event of attempt a by W in the history). Any other overlap, and any
+overlap of two copies of the same attempt, is unfenced: two copies ran at once
+with no reason to presume the older one dead.
 
-*Fence lag.* For a fenced overlap, how long A ran on after the later of B's
-start and the moment W could act again (its resume for a pause, the signal
-for a kill or term, the fence event otherwise). Above one interval plus
+*Late start.* A fenced overlap in which A started after B: a superseded
+attempt that began running although a later one already ran. It is fenced by
+the rule above, and counted apart.
+
+*Fence lag.* For a fenced overlap, how long A ran on after the later of the
+second start and the moment W could act again (its resume for a pause, the
+signal for a kill or term, the fence event otherwise). Above one interval plus
 :data:`FENCE_SLACK` seconds the fence was slow: the README promises that a
 paused owner stops its copy at most one interval after it resumes.
 
@@ -185,6 +189,11 @@ class Report:
         return [o for o in self.overlaps if not o.fenced]
 
     @property
+    def late_starts(self) -> list[Overlap]:
+        """Fenced overlaps whose older attempt started after the newer one."""
+        return [o for o in self.overlaps if o.fenced and o.older.start > o.newer.start]
+
+    @property
     def false_takeovers(self) -> list[Takeover]:
         """The takeovers that no disruption explains."""
         return [t for t in self.takeovers if t.cause is None]
@@ -211,6 +220,8 @@ class Report:
             f"most copies of one job at the same time: {self.most_copies} "
             f"({len(self.overlaps)} overlaps in {jobs_overlapping} jobs)",
             f"unfenced overlaps: {len(self.unfenced)}",
+            f"superseded attempts that started after their successor: "
+            f"{len(self.late_starts)}",
             f"fence lag: max {_fmt(max(lags, default=None), i)} intervals; "
             f"slow fences (> 1 interval + {FENCE_SLACK:g} s): {len(slow)}",
             f"takeovers: {len(self.takeovers)} (of {_checks(self.takeovers)} "
@@ -433,12 +444,15 @@ def _most_at_once(copies: Sequence[Copy], horizon: float) -> int:
 
 
 def _judge(
-    older: Copy, newer: Copy, horizon: float, interval: float, explain: Any,
+    first: Copy, second: Copy, horizon: float, interval: float, explain: Any,
     fences: dict[tuple[int, str], float],
 ) -> Overlap:
-    if newer.attempt <= older.attempt:
-        return Overlap(older, newer, False, "no newer attempt", None)
-    cause = explain(older.worker, older.start - WINDOW * interval, newer.start)
+    """Judge the overlap of two copies of a job, ``first`` started first."""
+    if first.attempt == second.attempt:
+        return Overlap(first, second, False, "two copies of one attempt", None)
+    older, newer = sorted((first, second), key=lambda c: c.attempt)
+    since = first.start - WINDOW * interval
+    cause = explain(older.worker, since, second.start)
     fence = fences.get((older.attempt, older.worker))
     if cause is None and fence is None:
         return Overlap(older, newer, False, "worker neither disrupted nor fenced", None)
@@ -449,7 +463,7 @@ def _judge(
             why += f" ({cause['target']}, until {cause['until']:.2f})"
     else:
         free, why = fence, "fence notice obeyed"
-    lag = older.until(horizon) - max(newer.start, float(free or horizon))
+    lag = older.until(horizon) - max(second.start, float(free or horizon))
     return Overlap(older, newer, True, why, lag)
 
 
@@ -599,6 +613,11 @@ def _details(
             f"{o.why}"
         )
         job_story(o.older.job)
+    for o in report.late_starts[:SHOWN]:
+        out.append(
+            f"LATE START {o.older.job}: {o.older.label()} began after "
+            f"{o.newer.label()} ({o.why})"
+        )
     for t in report.false_takeovers[:SHOWN]:
         out.append(f"FALSE TAKEOVER {t.job} attempt {t.attempt} of {t.lost} at "
                    f"{t.at:.2f}")
