@@ -79,9 +79,16 @@ class Supervision(bootsteps.StartStopStep):
                 'the worker with -P prefork (the default) or -P threads.'
             )
         settings = effective_settings(c.app)
-        supervisor = Supervisor(
-            c.app, c.hostname, settings, store_for(c.app), pool=c.pool,
-        )
+        store = store_for(c.app)
+        try:
+            store.ping()
+        except Exception as exc:
+            raise ImproperlyConfigured(
+                f'celery-turnout cannot reach its store at {_safe(settings.store_url)} '
+                f'({exc!r}); every worker needs it to claim jobs. Check '
+                'turnout_store_url and that the store is up.'
+            ) from exc
+        supervisor = Supervisor(c.app, c.hostname, settings, store, pool=c.pool)
         register(supervisor)
         c.turnout = supervisor
         return supervisor
@@ -118,6 +125,13 @@ class Supervision(bootsteps.StartStopStep):
             return  # supervision goes on until the pool has drained
         supervisor.stop()
         supervisor.run_pending_calls()
+
+
+def _safe(url: str) -> str:
+    # The URL without its password, for a log line or an error.
+    scheme, sep, rest = url.partition('://')
+    credentials, at, host = rest.rpartition('@')
+    return f'{scheme}{sep}{"***@" if at else ""}{host}'
 
 
 def _leaving() -> bool:

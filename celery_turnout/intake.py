@@ -58,6 +58,9 @@ def supervised(
             )
             return handle(message, body, ack, reject, callbacks, **options)
 
+        # A body Celery cannot decode must fail here, as it would without
+        # turnout, before the job is claimed and held.
+        message.payload  # noqa: B018  (decodes and caches the body)
         job = admit(supervisor, task, message, consumer.timer)
         if job is None:
             return None

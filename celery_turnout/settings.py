@@ -6,6 +6,7 @@ minutes or hours. The names below are the keys of ``app.conf``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,6 +159,9 @@ def derive_store_url(app: Celery) -> str:
 
 def _positive(conf: Mapping[str, Any], key: str) -> float:
     value = conf[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+        or not math.isfinite(value) or value <= 0
+    ):
         raise ImproperlyConfigured(f'{key} is {value!r}; use a positive number.')
     return float(value)

@@ -210,6 +210,10 @@ class Store(ABC):
     def complete_check(self, token: str) -> None:
         """Remove a claimed check from the board."""
 
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise if the store cannot be used right now."""
+
     def close(self) -> None:  # noqa: B027  (optional for implementations)
         """Release connections or files."""
 
@@ -373,6 +377,9 @@ class RedisStore(Store):
     def checkpoint(self, job: str) -> dict[str, Any] | None:
         return _loads(self._client.get(self._key(job, 'checkpoint')))
 
+    def ping(self) -> None:
+        self._client.ping()
+
     def post_check(self, due: float, body: str) -> None:
         self._client.zadd(self._board, {body: due})
 
@@ -510,6 +517,10 @@ class FileStore(Store):
 
     def checkpoint(self, job: str) -> dict[str, Any] | None:
         return _loads(_read(os.path.join(self._folder(job), 'checkpoint')))
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f'cannot write to {self.root}')
 
     def post_check(self, due: float, body: str) -> None:
         os.makedirs(self._board, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -80,17 +81,25 @@ class TurnoutTask(Task):
         """Check the turnout options and install the supervision bootstep.
 
         Raises:
-            ImproperlyConfigured: ``stall_timeout`` or ``on_stall`` is invalid.
+            ImproperlyConfigured: ``stall_timeout``, ``supervise_interval``,
+                ``max_takeovers`` or ``on_stall`` is invalid.
         """
         super().on_bound(app)
-        timeout = cls.stall_timeout
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-            or timeout <= 0
+        for option in ('stall_timeout', 'supervise_interval'):
+            value = getattr(cls, option)
+            if value is not None and not _positive_number(value):
+                raise ImproperlyConfigured(
+                    f'task {cls.name}: {option} is {value!r}; use a positive '
+                    'number of seconds or None.'
+                )
+        takeovers = cls.max_takeovers
+        if takeovers is not None and (
+            isinstance(takeovers, bool) or not isinstance(takeovers, int)
+            or takeovers < 0
         ):
             raise ImproperlyConfigured(
-                f'task {cls.name}: stall_timeout is {timeout!r}; use a positive '
-                'number of seconds or None.'
+                f'task {cls.name}: max_takeovers is {takeovers!r}; use an integer '
+                '>= 0 or None.'
             )
         if cls.on_stall not in STALL_ACTIONS:
             raise ImproperlyConfigured(
@@ -329,6 +338,13 @@ class TurnoutTask(Task):
                 'attempt took it over; the newer attempt\'s outcome will replace '
                 'it.', task_id, attempt, worker,
             )
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and value > 0
+    )
 
 
 def turnout_task(app: Celery, *args: Any, **options: Any) -> Callable[..., Any]:

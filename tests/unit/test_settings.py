@@ -48,3 +48,25 @@ def test_rabbitmq_without_a_redis_backend_asks_for_a_store():
     app = Celery('s', broker='amqp://', backend='rpc://')
     with pytest.raises(ImproperlyConfigured, match='turnout_store_url'):
         Settings.from_app(app)
+
+
+def test_a_setting_that_is_not_a_finite_number_is_refused():
+    with pytest.raises(ImproperlyConfigured, match='turnout_supervise_interval'):
+        Settings.from_app(an_app(turnout_supervise_interval=float('nan')))
+
+
+@pytest.mark.parametrize('option, value', [
+    ('supervise_interval', -1), ('supervise_interval', float('nan')),
+    ('max_takeovers', -1), ('max_takeovers', 1.5), ('stall_timeout', 0),
+])
+def test_a_bad_task_option_is_refused_when_the_task_is_declared(option, value):
+    from celery_turnout import turnout_task
+
+    app = an_app()
+    with pytest.raises(ImproperlyConfigured, match=option):
+        @turnout_task(app, name=f'bad.{option}', **{option: value})
+        def job():
+            pass
+
+        app.finalize(auto=True)
+        app.tasks[f'bad.{option}']
