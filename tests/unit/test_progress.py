@@ -234,7 +234,8 @@ def test_a_stalled_job_with_on_stall_fail_ends_failure_and_is_fenced(
 def test_a_bad_on_stall_option_is_refused_when_the_task_is_bound():
     other = Celery('unit-bad', broker='memory://', set_as_current=False)
 
-    @other.task(base=TurnoutTask, name='unit.bad', on_stall='panic')
+    # Not shared: a shared task would be bound again to every later app.
+    @other.task(base=TurnoutTask, name='unit.bad', on_stall='panic', shared=False)
     def bad():
         """Never bound."""
 

@@ -63,10 +63,9 @@ def test_a_bad_task_option_is_refused_when_the_task_is_declared(option, value):
     from celery_turnout import turnout_task
 
     app = an_app()
+    app.finalize()
     with pytest.raises(ImproperlyConfigured, match=option):
-        @turnout_task(app, name=f'bad.{option}', **{option: value})
+        # Not shared: a shared task would be bound again to every later app.
+        @turnout_task(app, name=f'bad.{option}', shared=False, **{option: value})
         def job():
             pass
-
-        app.finalize(auto=True)
-        app.tasks[f'bad.{option}']
