@@ -35,6 +35,14 @@ def wait_until_covered(cluster: Cluster, job_id: str) -> None:
     )
 
 
+def a_covered_job(cluster: Cluster, seconds: float) -> tuple[Any, dict[str, Any], Any]:
+    """Send a sleeper job; return it, its first start and its owner once covered."""
+    job = cluster.send("it.sleeper", seconds)
+    first = cluster.wait_started(job.id)
+    wait_until_covered(cluster, job.id)
+    return job, first, cluster.owner_of(first)
+
+
 def events_of(cluster: Cluster, job_id: str) -> list[tuple[str, int]]:
     """Return the (event, attempt) pairs of a job's history."""
     history = celery_turnout.history(cluster.app, job_id)
@@ -46,10 +54,7 @@ def test_a_job_whose_owner_is_killed_finishes_on_another_worker_as_attempt_two(
 ) -> None:
     cluster.start(2)
     seconds = 4.0
-    job = cluster.send("it.sleeper", seconds)
-    first = cluster.wait_started(job.id)
-    owner = cluster.owner_of(first)
-    wait_until_covered(cluster, job.id)
+    job, first, owner = a_covered_job(cluster, seconds)
     wait_for(lambda: time.time() >= first["time"] + seconds / 2, seconds, "halfway")
 
     bound = detection_bound(cluster)
@@ -77,10 +82,7 @@ def test_a_paused_owner_is_fenced_and_the_result_comes_from_the_next_attempt(
 ) -> None:
     cluster.start(2)
     seconds = 8.0
-    job = cluster.send("it.sleeper", seconds)
-    first = cluster.wait_started(job.id)
-    owner = cluster.owner_of(first)
-    wait_until_covered(cluster, job.id)
+    job, first, owner = a_covered_job(cluster, seconds)
 
     bound = detection_bound(cluster)
     stopped_at = owner.stop()

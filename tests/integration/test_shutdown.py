@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from harness import Cluster, stays_false, wait_for
-from test_failover import events_of, wait_until_covered
+from test_failover import a_covered_job, events_of
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +23,7 @@ def test_a_warm_shutdown_hands_jobs_off_at_once(
 ) -> None:
     cluster.start(2)
     seconds = 6.0
-    job = cluster.send("it.sleeper", seconds)
-    first = cluster.wait_started(job.id)
-    owner = cluster.owner_of(first)
-    wait_until_covered(cluster, job.id)
+    job, first, owner = a_covered_job(cluster, seconds)
 
     asked_at = owner.signal(signal.SIGTERM)
     second = cluster.wait_started(job.id, attempt=2, timeout=HANDOFF_BOUND)
@@ -51,10 +48,7 @@ def test_a_worker_set_to_wait_finishes_its_jobs_and_leaves_without_a_takeover(
     cluster.env["TURNOUT_IT_SHUTDOWN"] = "wait"
     cluster.start(2)
     seconds = 4.0
-    job = cluster.send("it.sleeper", seconds)
-    first = cluster.wait_started(job.id)
-    owner = cluster.owner_of(first)
-    wait_until_covered(cluster, job.id)
+    job, first, owner = a_covered_job(cluster, seconds)
 
     owner.signal(signal.SIGTERM)
     outcome: dict[str, Any] = job.get(timeout=seconds + 30)
