@@ -118,6 +118,7 @@ def _register(app: Celery, records: Path, counter_url: str) -> None:
 
     turnout_task(app, name="bench.short_turnout", bind=True)(short)
     app.task(name="bench.short_plain", bind=True)(short)
+    app.task(name="bench.short_plain_late", bind=True, acks_late=True)(short)
 
 
 app = create_app(os.environ)

@@ -1,15 +1,18 @@
 """Throughput: short jobs per second as turnout tasks and as plain Celery tasks.
 
-Both tasks run the same function (one ``INCR`` on a Redis counter) on the same
-two workers (prefork, ``-c 2`` each) and broker. For each variant the
+Three tasks run the same function (one ``INCR`` on a Redis counter) on the same
+two workers (prefork, ``-c 2`` each) and broker: a plain Celery task with
+Celery's default early acknowledgement (the baseline of the ratio), the same
+with ``acks_late``, and a turnout task. For each variant the
 benchmark fills a fresh queue with ``--jobs`` messages while no worker
 consumes it, then tells both workers to consume it (``add_consumer``) and
 times until the counter reaches the number of jobs. Variants alternate
-(plain, turnout, plain, turnout, ...) for ``--rounds`` rounds, so both see
-the same machine; the ratio is taken within each round.
+(plain, plain-late, turnout, plain, ...) for ``--rounds`` rounds, so all see
+the same machine; the ratios are taken within each round.
 
-The plain task is Celery's default (early acknowledgement); turnout tasks are
-acknowledged late, after the job, like any ``acks_late`` task.
+A turnout job that ends before its first supervise tick is acknowledged after
+it ran, like an ``acks_late`` task; the plain-late column shows what that alone
+costs.
 
 ``--profile`` repeats one turnout round with the first worker's main process
 under cProfile and a py-spy ``dump`` of it when py-spy is on the PATH, and
@@ -47,7 +50,11 @@ from common import (
 )
 
 #: The task of each variant.
-TASKS = {"plain": "bench.short_plain", "turnout": "bench.short_turnout"}
+TASKS = {
+    "plain": "bench.short_plain",
+    "plain-late": "bench.short_plain_late",
+    "turnout": "bench.short_turnout",
+}
 
 
 def fill(cluster: Cluster, task: str, queue: str, counter: str, jobs: int) -> float:
@@ -261,26 +268,30 @@ def main(argv: list[str] | None = None) -> int:
                 workers = [cluster.spawn(extra=("-Q", idle)) for _ in range(2)]
                 for worker in workers:
                     cluster.wait_ready(worker)
-                ratios = []
+                ratios: list[float] = []
+                late_ratios: list[float] = []
                 for number in range(1, args.rounds + 1):
                     results = {}
-                    for variant in ("plain", "turnout"):
+                    for variant in TASKS:
                         r = run_variant(cluster, workers, variant, args.jobs)
                         print(f"[{name}] round {number} {variant}: {r}", flush=True)
                         results[variant] = r
-                    ratio = results["turnout"]["rate"] / results["plain"]["rate"]
+                    plain, late, turnout = (results[v] for v in TASKS)
+                    ratio = turnout["rate"] / plain["rate"]
                     ratios.append(ratio)
+                    late_ratios.append(turnout["rate"] / late["rate"])
                     rows.append([
                         name, number, args.jobs,
-                        f"{results['plain']['rate']:.0f}",
-                        f"{results['turnout']['rate']:.0f}",
-                        f"{ratio:.2f}",
-                        f"{results['plain']['runs']}/{results['turnout']['runs']}",
-                        _cpu(results["plain"]["cpu"]), _cpu(results["turnout"]["cpu"]),
+                        *(f"{results[v]['rate']:.0f}" for v in TASKS),
+                        f"{ratio:.2f}", f"{late_ratios[-1]:.2f}",
+                        "/".join(str(results[v]["runs"]) for v in TASKS),
+                        *(_cpu(results[v]["cpu"]) for v in TASKS),
                     ])
                 if len(ratios) > 1:
-                    rows.append([name, "median", "", "", "",
-                                 f"{statistics.median(ratios):.2f}", "", "", ""])
+                    rows.append([name, "median", "", "", "", "",
+                                 f"{statistics.median(ratios):.2f}",
+                                 f"{statistics.median(late_ratios):.2f}",
+                                 "", "", "", ""])
             finally:
                 cluster.destroy()
             if args.profile:
@@ -290,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Short jobs, 2 workers x prefork -c 2, jobs per second while draining a "
           f"full queue (turnout interval {args.interval:g} s)")
     print()
-    print(table(["broker", "round", "jobs", "plain jobs/s", "turnout jobs/s",
-                 "turnout/plain", "runs counted plain/turnout",
+    print(table(["broker", "round", "jobs", "plain jobs/s", "plain-late jobs/s",
+                 "turnout jobs/s", "turnout/plain", "turnout/plain-late",
+                 "runs counted plain/late/turnout",
                  "plain CPU ms/job main+pool+redis",
-                 "turnout CPU ms/job main+pool+redis"], rows))
+                 "plain-late CPU ms/job", "turnout CPU ms/job"], rows))
     for text in profiles:
         print()
         print(text)
