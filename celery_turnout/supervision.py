@@ -101,7 +101,7 @@ class _Session:
         self.consume_channel = connection.channel()
         self._probe: Any = None
         self.producer = Producer(self.channel, serializer=supervisor.serializer)
-        expires = int(settings.queue_expires * 1000)
+        expires = self.expires_ms = int(settings.queue_expires * 1000)
         self.lanes = tuple(
             _worker_queue(name, expires) for name in supervisor.names.lanes
         )
@@ -168,6 +168,7 @@ class _Session:
             tick = _supervise_tick(message)
             if tick is not None:
                 message.requeue()
+                self.keep_expiry(queue_name)
                 return tick
             logger.error(
                 'Dropping a foreign message (content type %r) from supervise lane '
@@ -175,6 +176,17 @@ class _Session:
             )
             message.ack()
         return None
+
+    def keep_expiry(self, queue_name: str) -> None:
+        """Give another worker's queue the expiry its owner declared, on Redis.
+
+        RabbitMQ keeps a queue's expiry whoever publishes into it. A Redis
+        list that a peer pushes into (a fence notice into an empty control
+        queue, a supervise message put back into a lane) is a new key with no
+        expiry, which would outlive a dead owner for good.
+        """
+        if self.connection.transport.driver_type == 'redis':
+            self.channel.client.pexpire(queue_name, self.expires_ms)
 
     def _close_probe(self) -> None:
         try:
@@ -799,6 +811,7 @@ class Supervisor:
             owner=monitor.owner, by=self.worker_id, reason=reason, jobs=monitor.jobs,
         )
         session.publish(fence.to_body(), monitor.control)
+        session.keep_expiry(monitor.control)
         fault_point('check.after_fence')
         logger.warning(
             'Worker %s stopped reading its supervise lane (tick %d was due %.1f s '

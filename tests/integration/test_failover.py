@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 from harness import Cluster, stays_false, wait_for
 
 import celery_turnout
@@ -108,3 +109,23 @@ def test_a_paused_owner_is_fenced_and_the_result_comes_from_the_next_attempt(
     stored = cluster.app.AsyncResult(job.id).get(timeout=10)
     assert stored["attempt"] == 2, "the first attempt's late result overwrote it"
     assert ("fenced", 1) in events_of(cluster, job.id)
+
+
+@pytest.mark.transports("redis")
+def test_the_queues_a_dead_worker_leaves_on_redis_expire(cluster: Cluster) -> None:
+    cluster.start(2)
+    job, first, owner = a_covered_job(cluster, 3.0)
+    owner.kill()
+    cluster.wait_started(job.id, attempt=2, timeout=detection_bound(cluster) + 10)
+    job.get(timeout=40)
+
+    # The takeover put a fence notice into the dead owner's control queue and
+    # put its last supervise message back into its lane after reading it;
+    # neither may stay in Redis for good.
+    client = redis.Redis.from_url(cluster.env["TURNOUT_IT_BROKER_URL"])
+    prefix = cluster.env["TURNOUT_IT_QUEUE_PREFIX"]
+    keys = {key.decode(): client.ttl(key) for key in client.scan_iter(f"{prefix}.*")}
+    controls = [key for key in keys if key.startswith(f"{prefix}.control.")]
+    assert controls, f"no fence notice was left for the dead owner: {keys}"
+    forever = {key: ttl for key, ttl in keys.items() if ttl < 0}
+    assert not forever, f"queues without an expiry: {forever}"
