@@ -12,6 +12,7 @@ import atexit
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -273,6 +274,18 @@ class Worker:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+#: The log lines of a supervise tick that covers jobs: one line per job, or a
+#: line that counts them when a tick covers more than a few.
+_COVERED_ONE = re.compile(r"attempt \d+ is covered by supervise tick")
+_COVERED_MANY = re.compile(r"(\d+) jobs are covered by supervise tick")
+
+
+def covered_jobs(log: str) -> int:
+    """How many jobs a worker's log says its supervise ticks covered."""
+    many = sum(int(count) for count in _COVERED_MANY.findall(log))
+    return len(_COVERED_ONE.findall(log)) + many
 
 
 def process_cpu(pid: int) -> float:

@@ -29,6 +29,7 @@ from common import (
     Cluster,
     add_source_option,
     brokers,
+    covered_jobs,
     install_cleanup,
     make_workdir,
     pin_turnout,
@@ -87,10 +88,7 @@ def hold(
         ]
 
         def covered() -> bool:
-            count = sum(
-                w.log().count("is covered by supervise tick") for w in workers
-            )
-            return count >= jobs
+            return sum(covered_jobs(w.log()) for w in workers) >= jobs
 
         try:
             wait_for(covered, 120 + 5 * interval, f"{jobs} jobs to be covered", 0.5)
@@ -100,9 +98,7 @@ def hold(
             result.update(count_takeovers(cluster, job_ids))
             return result
         result["cover_s"] = time.monotonic() - sent_at
-        result["split"] = "/".join(
-            str(w.log().count("is covered by supervise tick")) for w in workers
-        )
+        result["split"] = "/".join(str(covered_jobs(w.log())) for w in workers)
         time.sleep(2 * interval)
         before = snapshot(broker, *pids)
         deadline = time.monotonic() + seconds

@@ -36,6 +36,7 @@ from common import (
     Cluster,
     add_source_option,
     brokers,
+    covered_jobs,
     install_cleanup,
     make_workdir,
     pin_turnout,
@@ -110,7 +111,7 @@ def measure(
             cluster.app.send_task("bench.napper", args=(hold,))
 
         def covered() -> bool:
-            return worker.log().count("is covered by supervise tick") >= jobs
+            return covered_jobs(worker.log()) >= jobs
 
         wait_for(covered, 60 + 5 * interval, f"{jobs} jobs to be covered", 0.2)
         time.sleep(2 * interval)  # the acknowledgements and first checks settle
