@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,3 +65,26 @@ def test_a_worker_set_to_wait_finishes_its_jobs_and_leaves_without_a_takeover(
         3 * cluster.interval,
     ), peer.log()
     assert cluster.records.events(job.id, "start") == [first]
+
+
+def test_a_worker_told_to_stop_as_it_resumes_from_a_pause_loses_no_job(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    seconds = 6.0
+    job, first, owner = a_covered_job(cluster, seconds)
+
+    # A pause shorter than the detection bound: no peer takes the job over
+    # while it lasts, so the leaving worker alone must pass it on.
+    os.killpg(owner.pid, signal.SIGSTOP)
+    paused_until = time.monotonic() + 0.5 * cluster.interval
+    wait_for(lambda: time.monotonic() >= paused_until, 5, "the end of the pause")
+    os.killpg(owner.pid, signal.SIGCONT)
+    owner.signal(signal.SIGTERM)
+
+    second = cluster.wait_started(job.id, attempt=2, timeout=HANDOFF_BOUND)
+    assert second["worker"] in {w.name for w in cluster.others(owner)}
+    wait_for(lambda: owner.process.poll() is not None, 15, "the owner to exit")
+    outcome: dict[str, Any] = job.get(timeout=seconds + 30)
+    assert outcome["attempt"] == 2
+    assert not cluster.records.events(job.id, "finish", attempt=1)
