@@ -109,8 +109,11 @@ def _register(app: Celery, records: Path, counter_url: str) -> None:
             sum(range(1000))
         return seconds
 
-    def short(self: Task, counter: str) -> int:
-        """A short job: count itself in Redis."""
+    def short(self: Task, counter: str, cpu_ms: float = 0.0) -> int:
+        """A short job: use the CPU for ``cpu_ms``, then count itself in Redis."""
+        deadline = time.thread_time() + cpu_ms / 1000
+        while time.thread_time() < deadline:
+            pass
         client = getattr(local, "client", None)
         if client is None:
             client = local.client = redis.Redis.from_url(counter_url)

@@ -57,13 +57,16 @@ TASKS = {
 }
 
 
-def fill(cluster: Cluster, task: str, queue: str, counter: str, jobs: int) -> float:
+def fill(
+    cluster: Cluster, task: str, queue: str, counter: str, jobs: int, cpu_ms: float,
+) -> float:
     """Publish ``jobs`` messages to ``queue``; return the seconds it took."""
     started = time.monotonic()
     app = cluster.app
     with app.producer_or_acquire() as producer:
         for _ in range(jobs):
-            app.send_task(task, args=(counter,), queue=queue, producer=producer)
+            app.send_task(task, args=(counter, cpu_ms), queue=queue,
+                          producer=producer)
     return time.monotonic() - started
 
 
@@ -84,11 +87,12 @@ def cpu_split(workers: list[Worker], redis_pid: int) -> dict[str, float]:
 
 def run_variant(
     cluster: Cluster, workers: list[Worker], variant: str, jobs: int,
+    cpu_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Fill a queue with one variant's jobs, let the workers drain it, time it."""
     queue = f"tp-{variant}-{uuid.uuid4().hex[:8]}"
     counter = f"done:{queue}"
-    filled = fill(cluster, TASKS[variant], queue, counter, jobs)
+    filled = fill(cluster, TASKS[variant], queue, counter, jobs, cpu_ms)
     client = cluster.broker.redis
     assert client is not None
     redis = client.client(3)
@@ -225,6 +229,38 @@ def _cpu(split: dict[str, float]) -> str:
     return "{main:.2f}+{pool:.2f}+{redis:.2f}".format(**split)
 
 
+def measure_rounds(
+    cluster: Cluster, workers: list[Worker], jobs: int, rounds: int, cpu_ms: float,
+) -> list[list[Any]]:
+    """Alternate the variants for ``rounds`` rounds; one table row per round."""
+    name = cluster.broker.name
+    rows: list[list[Any]] = []
+    ratios: list[float] = []
+    late_ratios: list[float] = []
+    for number in range(1, rounds + 1):
+        results = {}
+        for variant in TASKS:
+            r = run_variant(cluster, workers, variant, jobs, cpu_ms)
+            print(f"[{name}] {cpu_ms:g} ms, round {number}, {variant}: {r}",
+                  flush=True)
+            results[variant] = r
+        plain, late, turnout = (results[v] for v in TASKS)
+        ratios.append(turnout["rate"] / plain["rate"])
+        late_ratios.append(turnout["rate"] / late["rate"])
+        rows.append([
+            name, f"{cpu_ms:g}", number, jobs,
+            *(f"{results[v]['rate']:.0f}" for v in TASKS),
+            f"{ratios[-1]:.2f}", f"{late_ratios[-1]:.2f}",
+            "/".join(str(results[v]["runs"]) for v in TASKS),
+            *(_cpu(results[v]["cpu"]) for v in TASKS),
+        ])
+    if rounds > 1:
+        rows.append([name, f"{cpu_ms:g}", "median", "", "", "", "",
+                     f"{statistics.median(ratios):.2f}",
+                     f"{statistics.median(late_ratios):.2f}", "", "", "", ""])
+    return rows
+
+
 def _capture(stats: pstats.Stats, sort: str) -> str:
     import io
 
@@ -242,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=10_000,
                         help="jobs per variant and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--job-cpu-ms", default="0",
+                        help="CPU milliseconds each job spends before it counts "
+                             "itself, comma-separated: one set of rounds each")
     parser.add_argument("--interval", type=float, default=5.0,
                         help="turnout supervise interval in seconds")
     parser.add_argument("--profile", action="store_true",
@@ -251,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     add_source_option(parser)
     args = parser.parse_args(argv)
     names = [n for n in args.brokers.split(",") if n]
+    cpu_costs = [float(n) for n in args.job_cpu_ms.split(",") if n]
 
     install_cleanup()
     workdir = make_workdir("throughput")
@@ -268,30 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                 workers = [cluster.spawn(extra=("-Q", idle)) for _ in range(2)]
                 for worker in workers:
                     cluster.wait_ready(worker)
-                ratios: list[float] = []
-                late_ratios: list[float] = []
-                for number in range(1, args.rounds + 1):
-                    results = {}
-                    for variant in TASKS:
-                        r = run_variant(cluster, workers, variant, args.jobs)
-                        print(f"[{name}] round {number} {variant}: {r}", flush=True)
-                        results[variant] = r
-                    plain, late, turnout = (results[v] for v in TASKS)
-                    ratio = turnout["rate"] / plain["rate"]
-                    ratios.append(ratio)
-                    late_ratios.append(turnout["rate"] / late["rate"])
-                    rows.append([
-                        name, number, args.jobs,
-                        *(f"{results[v]['rate']:.0f}" for v in TASKS),
-                        f"{ratio:.2f}", f"{late_ratios[-1]:.2f}",
-                        "/".join(str(results[v]["runs"]) for v in TASKS),
-                        *(_cpu(results[v]["cpu"]) for v in TASKS),
-                    ])
-                if len(ratios) > 1:
-                    rows.append([name, "median", "", "", "", "",
-                                 f"{statistics.median(ratios):.2f}",
-                                 f"{statistics.median(late_ratios):.2f}",
-                                 "", "", "", ""])
+                for cpu_ms in cpu_costs:
+                    rows += measure_rounds(cluster, workers, args.jobs, args.rounds,
+                                           cpu_ms)
             finally:
                 cluster.destroy()
             if args.profile:
@@ -301,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Short jobs, 2 workers x prefork -c 2, jobs per second while draining a "
           f"full queue (turnout interval {args.interval:g} s)")
     print()
-    print(table(["broker", "round", "jobs", "plain jobs/s", "plain-late jobs/s",
-                 "turnout jobs/s", "turnout/plain", "turnout/plain-late",
+    print(table(["broker", "job CPU ms", "round", "jobs", "plain jobs/s",
+                 "plain-late jobs/s", "turnout jobs/s", "turnout/plain",
+                 "turnout/plain-late",
                  "runs counted plain/late/turnout",
                  "plain CPU ms/job main+pool+redis",
                  "plain-late CPU ms/job", "turnout CPU ms/job"], rows))
