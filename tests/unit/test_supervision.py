@@ -58,6 +58,9 @@ class RecordingSession:
     def declare(self, monitor):
         self.ops.append(('declare',))
 
+    def keep_expiry(self, queue_name):
+        self.ops.append(('keep expiry', queue_name))
+
     def _publish_raw(self, body, **options):
         self.ops.append(('re-dispatch', options['headers']['id'],
                          options['headers'][ATTEMPT_HEADER]))
@@ -316,7 +319,7 @@ def test_a_job_already_finished_is_not_re_dispatched(supervisor, store, session)
     store.admit('job-1', 1, 'copy-a', b'{}', 9, {'event': 'started'})
     store.finish('job-1', 1, 'w9')
     supervisor._take_over(session, a_monitor_for(supervisor))
-    assert [op[0] for op in session.ops] == ['publish']
+    assert [op[0] for op in session.ops] == ['publish', 'keep expiry']
 
 
 def test_checks_wait_one_detection_bound_after_a_reconnection(
