@@ -262,6 +262,7 @@ def test_an_unread_supervise_message_means_takeover_fence_first(
     supervisor._take_over(session, monitor)
     assert session.ops[2:] == [
         ('publish', 'fence', 'test.control.w9'),
+        ('keep expiry', 'test.control.w9'),
         ('re-dispatch', 'job-1', 2),
     ]
     assert store.history('job-1')[-1]['event'] == 'taken_over'
