@@ -67,7 +67,7 @@ def announce_now(
     signal.send(sender=sender, job_id=job_id, attempt=attempt, **fields)
 
     dispatcher = supervisor.event_dispatcher
-    if dispatcher is None or not dispatcher.enabled:
+    if not sends_job_events(dispatcher):
         return
     try:
         dispatcher.send(event_type, uuid=job_id, attempt=attempt, task=task, **fields)
@@ -76,3 +76,15 @@ def announce_now(
             'Could not send event %s about job %s attempt %d from worker %s: %r.',
             event_type, job_id, attempt, supervisor.hostname, exc,
         )
+
+
+def sends_job_events(dispatcher: Any) -> bool:
+    """True if ``dispatcher`` sends turnout's events, not only worker heartbeats.
+
+    A worker started without ``-E`` still has an enabled dispatcher for its
+    heartbeats, limited to the ``worker`` group of events.
+    """
+    if dispatcher is None or not getattr(dispatcher, 'enabled', False):
+        return False
+    groups = getattr(dispatcher, 'groups', None)
+    return not groups or 'turnout' in groups

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import signals
 from .errors import JobStalled, JobSuperseded
-from .events import announce, announce_now
+from .events import announce, announce_now, sends_job_events
 from .ledger import HeldJob
 
 if TYPE_CHECKING:
@@ -246,8 +246,7 @@ class ProgressWatch:
                 job.progress = record
 
     def _watched(self, job: HeldJob) -> bool:
-        dispatcher = self.supervisor.event_dispatcher
-        if dispatcher is not None and getattr(dispatcher, 'enabled', False):
+        if sends_job_events(self.supervisor.event_dispatcher):
             return True
         task = self.supervisor.app.tasks.get(job.task)
         return bool(getattr(task, 'stall_timeout', None))

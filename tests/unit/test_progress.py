@@ -153,6 +153,11 @@ def failing_job():
     """A job that fails when it stalls."""
 
 
+@app.task(base=TurnoutTask, name='unit.quiet')
+def quiet_job():
+    """A job without a stall timeout."""
+
+
 @pytest.fixture
 def supervisor(store):
     app.backend.client.cache.clear()
@@ -254,3 +259,29 @@ def test_events_go_out_only_through_an_enabled_dispatcher(supervisor):
     announce_now(supervisor, 'fenced', 'job-1', 1, 'unit.report', by='w2')
     assert sent == [('turnout-job-fenced', {
         'uuid': 'job-1', 'attempt': 1, 'task': 'unit.report', 'by': 'w2'})]
+
+
+def test_a_worker_sending_only_heartbeats_sends_no_job_events(supervisor):
+    sent = []
+    supervisor.event_dispatcher = SimpleNamespace(
+        enabled=True, groups=['worker'],
+        send=lambda kind, **fields: sent.append(kind),
+    )
+    announce_now(supervisor, 'fenced', 'job-1', 1, 'unit.report', by='w2')
+    assert sent == []
+
+
+def test_ticks_read_the_progress_of_jobs_without_a_stall_timeout_only_for_events(
+    supervisor, store,
+):
+    job = hold(supervisor, 'unit.quiet', 1)
+    store.save_progress('job-1', 1, {'done': 1, 'attempt': 1, 'moved': time.time()})
+    supervisor.event_dispatcher = SimpleNamespace(
+        enabled=True, groups=['worker'], send=lambda kind, **fields: None,
+    )
+    supervisor.progress_watch.poll(None)
+    assert job.progress is None, 'a heartbeat-only worker read the progress'
+
+    supervisor.event_dispatcher.groups = None  # started with -E
+    supervisor.progress_watch.poll(None)
+    assert job.progress is not None and job.progress['done'] == 1
