@@ -752,7 +752,9 @@ class Supervisor:
             return
         while self._pending and self._pending[0].due <= now:
             pending = heapq.heappop(self._pending)
-            if self._owner_is_gone(session, pending.monitor, now):
+            if self._is_own_and_covered(session, pending.monitor, now):
+                pass
+            elif self._owner_is_gone(session, pending.monitor, now):
                 self._take_over(session, pending.monitor)
             pending.message.ack()
         if self._board is not None and now >= self._next_board_poll:
@@ -772,7 +774,10 @@ class Supervisor:
             except (ValueError, MalformedMessage) as exc:
                 logger.error('Dropping a malformed monitor check: %s.', exc)
             else:
-                if self._owner_is_gone(session, monitor, time.time()):
+                now = time.time()
+                if self._is_own_and_covered(session, monitor, now):
+                    pass
+                elif self._owner_is_gone(session, monitor, now):
                     self._take_over(session, monitor)
             board.complete_check(token)
         # Anything posted from now on comes due one detection bound later at
@@ -783,6 +788,33 @@ class Supervisor:
         elif upcoming is not None:
             wake = min(wake, upcoming)
         self._next_board_poll = wake
+
+    def _is_own_and_covered(
+        self, session: _Session, monitor: Monitor, now: float,
+    ) -> bool:
+        """True for a check of this worker's own tick, once a later tick is out.
+
+        A worker that checks itself is alive, whatever its lane says: taking
+        its own jobs over would only stop them and run them again. The check
+        may go only once a later tick's monitor message names every job still
+        held; normally that tick ran before the check came due, and a thread
+        that was held up runs it now.
+        """
+        if monitor.owner != self.worker_id:
+            return False
+        self._tick_if_due(session)
+        if self._tick_no <= monitor.tick + 1 and self.ledger.held():
+            return False
+        late = now - monitor.due
+        if late > self.settings.grace:
+            logger.warning(
+                'Worker %s checked its own supervise tick %d %.1f s after it was '
+                'due: its supervision thread was held up (a starved CPU or a '
+                'blocked process); a peer checking that tick would have taken its '
+                '%d job(s) over.', self.worker_id, monitor.tick, late,
+                len(monitor.jobs),
+            )
+        return True
 
     def _owner_is_gone(self, session: _Session, monitor: Monitor, now: float) -> bool:
         settings = self.settings

@@ -332,3 +332,55 @@ def test_checks_wait_one_detection_bound_after_a_reconnection(
     supervisor._checks_from = time.time() + 60
     supervisor._check_due(session)
     assert session.ops == []
+
+
+def own_check_of_first_tick(supervisor, store, session, late):
+    """Tick once, then post that tick's check as due ``late`` seconds ago."""
+    supervisor._tick(session)
+    (_, body), = store.claim_checks(time.time() + 60, 0, 10)[0]
+    own = Monitor.from_body(json.loads(body))
+    for token, _ in store.claim_checks(time.time() + 60, 0, 10)[0]:
+        store.complete_check(token)
+    own = Monitor(own.owner, own.lane, own.control, own.tick, time.time() - late,
+                  own.jobs)
+    store.post_check(own.due, json.dumps(own.to_body()))
+    # The lane still holds the tick's supervise message, as it would for a
+    # dead owner.
+    session.counts[own.lane] = 1
+    session.lane_ticks[own.lane] = own.tick
+    supervisor._checks_from = supervisor._next_board_poll = 0.0
+    return own
+
+
+def test_a_worker_never_takes_over_its_own_jobs_once_a_later_tick_is_out(
+    supervisor, store, session,
+):
+    hold(supervisor, store)
+    own = own_check_of_first_tick(supervisor, store, session, late=0.0)
+    supervisor._tick(session)
+    session.ops.clear()
+
+    supervisor._check_due(session)
+    assert not [op for op in session.ops if op[:2] == ('publish', 'fence')]
+    left = [Monitor.from_body(json.loads(body)).tick
+            for _, body in store.claim_checks(time.time() + 60, 0, 10)[0]]
+    assert left == [1], 'the check of tick 0 goes, the next tick\'s stays'
+    assert supervisor.ledger.get('job-1').released is None
+    assert own.owner == supervisor.worker_id
+
+
+def test_a_worker_held_up_past_its_next_tick_runs_it_before_letting_its_check_go(
+    supervisor, store, session, caplog,
+):
+    hold(supervisor, store)
+    own_check_of_first_tick(supervisor, store, session, late=3.0)
+    supervisor._next_tick = time.monotonic() - 2.0  # the tick it missed
+    session.ops.clear()
+
+    with caplog.at_level('WARNING'):
+        supervisor._check_due(session)
+    assert steps(session)[:3] == ['read control', 'publish supervise', 'purge']
+    assert 'publish fence' not in steps(session)
+    assert supervisor.ledger.get('job-1').released is None
+    assert 'checked its own supervise tick 0' in caplog.text
+    assert 'held up' in caplog.text
