@@ -14,14 +14,14 @@ from celery.worker import state as worker_state
 from .errors import ImproperlyConfigured
 from .settings import Settings
 from .store import store_for
-from .supervision import Supervisor, register, supervisor_of
+from .supervision import Supervisor, cold_shutdown_began, register, supervisor_of
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between runs of the main-thread steps that the supervision thread
 #: queues (acknowledging covered jobs, stopping fenced copies).
 MAIN_THREAD_PERIOD = 0.2
-#: Longest a warm shutdown waits for its jobs to be re-dispatched.
+#: Longest a shutdown waits for its jobs to be re-dispatched.
 HANDOFF_TIMEOUT = 10.0
 
 _shutting_down = False
@@ -50,7 +50,9 @@ class Supervision(bootsteps.StartStopStep):
     Starts the supervision thread on the first broker connection and keeps it
     across reconnections of the task consumer, which only releases the jobs
     whose messages the broker will redeliver. On a warm shutdown it hands the
-    held jobs off to other workers (``turnout_shutdown = 'handoff'``).
+    held jobs off to other workers (``turnout_shutdown = 'handoff'``) or lets
+    them finish (``'wait'``). A cold shutdown hands them off in either mode,
+    once Celery's soft shutdown (``worker_soft_shutdown_timeout``) is over.
     """
 
     label = 'Turnout'
@@ -101,7 +103,11 @@ class Supervision(bootsteps.StartStopStep):
         if supervisor is None:
             return
         if _leaving():
-            if supervisor.settings.shutdown == 'handoff':
+            if cold_shutdown_began():
+                # The supervision thread stopped the jobs so that Celery's
+                # pool could stop; their re-dispatch may still be under way.
+                supervisor.finish_cold_shutdown(HANDOFF_TIMEOUT)
+            elif supervisor.settings.shutdown == 'handoff':
                 # Stop taking jobs first, or this worker would be handed its own.
                 try:
                     if c.task_consumer is not None:
@@ -121,7 +127,10 @@ class Supervision(bootsteps.StartStopStep):
         supervisor = self.supervisor
         if supervisor is None:
             return
-        if _leaving() and supervisor.settings.shutdown == 'wait':
+        if (
+            _leaving() and supervisor.settings.shutdown == 'wait'
+            and not cold_shutdown_began()
+        ):
             return  # supervision goes on until the pool has drained
         supervisor.stop()
         supervisor.run_pending_calls()

@@ -260,6 +260,17 @@ class TurnoutRequest(Request):
             announce_now(supervisor, 'finished', job.id, job.attempt, job.task,
                          worker=supervisor.hostname, state=SUCCESS)
 
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        """Celery stops this copy itself, its message not yet acknowledged.
+
+        Celery's cold shutdown does so once its soft shutdown is over; see
+        :meth:`Supervisor.copy_cancelled`.
+        """
+        job, supervisor = self.turnout_job, supervisor_of(self._app)
+        if job is not None and supervisor is not None:
+            supervisor.copy_cancelled(job)
+        super().cancel(pool, signal=signal, emit_retry=emit_retry)
+
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         """A pool process took the job (runs in the worker's main process)."""
         super().on_accepted(pid, time_accepted)
@@ -278,7 +289,8 @@ class TurnoutRequest(Request):
 
         if job.released is not None:
             worker_state.task_ready(self)
-            if not self.acknowledged:
+            # A requeued job's message is the broker's to deliver again.
+            if not self.acknowledged and job.released != 'requeued':
                 self.acknowledge()
             supervisor.ledger.discard(job)
             logger.info(

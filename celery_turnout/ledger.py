@@ -94,6 +94,18 @@ class Ledger:
         with self._lock:
             return [job for job in self._jobs.values() if job.released is None]
 
+    def release_held(self, reason: str) -> list[HeldJob]:
+        """Release every held job for ``reason`` at once and return them.
+
+        One step under the lock, so that two threads giving the worker's jobs
+        up at the same time (a warm and a cold shutdown) never both take one.
+        """
+        with self._lock:
+            jobs = [job for job in self._jobs.values() if job.released is None]
+            for job in jobs:
+                job.released = reason
+            return jobs
+
     def all(self) -> list[HeldJob]:
         """Every entry, released or not."""
         with self._lock:

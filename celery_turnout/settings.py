@@ -43,7 +43,9 @@ DEFAULTS: Mapping[str, Any] = {
     #: Seconds claims, stored messages and history are kept in the store.
     'turnout_record_ttl': 7 * 24 * 3600.0,
     #: What a warm shutdown does with held jobs: ``'handoff'`` stops them and
-    #: re-dispatches them at once; ``'wait'`` lets them finish first.
+    #: re-dispatches them at once; ``'wait'`` lets them finish first. A cold
+    #: shutdown hands them off in either mode, once Celery's
+    #: ``worker_soft_shutdown_timeout`` is over.
     'turnout_shutdown': 'handoff',
     #: How many monitor messages one worker may hold while they come due.
     'turnout_monitor_prefetch': 100,

@@ -272,6 +272,7 @@ class Supervisor:
             queue.SimpleQueue()
         )
         self._stopping = threading.Event()
+        self._handed_off_cold = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list[_Pending] = []
         self._seq = itertools.count()
@@ -312,13 +313,18 @@ class Supervisor:
         request = job.request
         if request is None:
             return
+        self._kill_running_copy(job)
+        if not request.acknowledged:
+            request.acknowledge()
+
+    def _kill_running_copy(self, job: HeldJob) -> None:
+        """Kill the pool process running ``job``'s copy, if it still runs it."""
+        request = job.request
         pid = getattr(request, 'worker_pid', None)
         # Only while the copy still runs there: a pool process that finished it
         # may already run another job, which must not die in its place.
         if pid and request in worker_state.active_requests:
             self._kill(job, pid)
-        if not request.acknowledged:
-            request.acknowledge()
 
     def on_accepted(self, job: HeldJob, pid: int) -> None:
         """A pool process began running ``job``. Main thread."""
@@ -373,6 +379,44 @@ class Supervisor:
                 job.released = 'requeued'
                 self.stop_copy(job)
 
+    def copy_cancelled(self, job: HeldJob) -> None:
+        """Celery stops ``job``'s copy before its message is acknowledged. Main thread.
+
+        Celery's cold shutdown does so to every running job whose message is
+        not yet acknowledged, and so does a lost connection when
+        ``worker_cancel_long_running_tasks_on_connection_loss`` is set, leaving
+        the message to the broker. Turnout must then not acknowledge it, even
+        when a tick covered the job while Celery waited out its soft shutdown:
+        the broker delivers it again and the start claim makes it the next
+        attempt. A transport that never delivers a message twice gets the job
+        re-dispatched instead.
+        """
+        if job.released is not None:
+            return
+        if self._driver in ('amqp', 'redis'):
+            job.released = 'requeued'
+            logger.warning(
+                'Worker %s stops job %s attempt %d before its message was '
+                'acknowledged; the broker delivers that message again and a '
+                'worker starts it as attempt %d.', self.hostname, job.id,
+                job.attempt, job.attempt + 1,
+            )
+            return
+        job.released = 'handed_off'
+        logger.warning(
+            'Worker %s stops job %s attempt %d before its message was '
+            'acknowledged; the %s transport will not deliver it again, so it is '
+            're-dispatched now.', self.hostname, job.id, job.attempt, self._driver,
+        )
+
+        def command(session: _Session) -> None:
+            self._redispatch(
+                session, job.id, job.attempt, 'handed_off',
+                f'Celery stopped it on worker {self.hostname}', by=self.hostname,
+            )
+
+        self._commands.put(command)
+
     def hand_off(self, timeout: float) -> None:
         """Stop every held job and re-dispatch it at once. Main thread.
 
@@ -382,9 +426,8 @@ class Supervisor:
         and the monitor messages already out take over whatever it had not
         handed off yet.
         """
-        jobs = self.ledger.held()
+        jobs = self.ledger.release_held('handed_off')
         for job in jobs:
-            job.released = 'handed_off'
             self.stop_copy(job)
         fault_point('handoff.after_stop')
         done = threading.Event()
@@ -444,6 +487,24 @@ class Supervisor:
         done.wait(timeout)
         self.stop()
 
+    def finish_cold_shutdown(self, timeout: float) -> None:
+        """Wait for the supervision thread to hand the jobs off, then stop it.
+
+        Main thread, when Celery's cold shutdown stops the consumer; the
+        hand-off itself is :meth:`_hand_off_cold`, on the supervision thread.
+        """
+        thread = self._thread
+        if (
+            thread is not None and thread.is_alive()
+            and not self._handed_off_cold.wait(timeout)
+        ):
+            logger.error(
+                'Worker %s could not hand off its jobs within %.0f s of its cold '
+                'shutdown; the monitor messages already sent will re-dispatch '
+                'them once peers see this worker gone.', self.hostname, timeout,
+            )
+        self.stop()
+
     def redispatch_later(
         self, job: HeldJob, reason: str, then: Callable[[], None],
     ) -> None:
@@ -487,6 +548,10 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            if cold_shutdown_began():
+                # Between two connections: stop the jobs all the same.
+                self._hand_off_cold(None)
+                break
             connection = self._connect()
             try:
                 connection.ensure_connection(max_retries=1)
@@ -541,6 +606,9 @@ class Supervisor:
         with consumer:
             while not self._stopping.is_set():
                 self._run_commands(session)
+                if cold_shutdown_began():
+                    self._hand_off_cold(session)
+                    return
                 self._tick_if_due(session)
                 self._check_due(session)
                 try:
@@ -548,6 +616,57 @@ class Supervisor:
                 except TimeoutError:
                     pass
                 connection.heartbeat_check()
+
+    def _hand_off_cold(self, session: _Session | None) -> None:
+        """Stop every held job and re-dispatch it: Celery's cold shutdown began.
+
+        Celery's cold-shutdown handler runs on the main thread: it waits out
+        ``worker_soft_shutdown_timeout``, stops the running copies whose message
+        is not yet acknowledged (see :meth:`copy_cancelled`), then stops the
+        pool, which waits for every other job to finish. Covered turnout jobs
+        are acknowledged, so it would wait for them however long they run, and
+        the main thread, blocked there, cannot stop them. This thread does,
+        whatever ``turnout_shutdown`` says, and re-dispatches them as
+        :meth:`hand_off` does. Without a broker connection (``session`` is
+        None) it only stops them, and the monitor messages already out take
+        them over once peers see this worker gone.
+        """
+        if session is not None:
+            self._run_commands(session)  # re-dispatches queued meanwhile
+        jobs = self.ledger.release_held('handed_off')
+        if jobs:
+            logger.warning(
+                'Worker %s is in a cold shutdown and its soft shutdown is over: '
+                'stopping %d turnout job(s) %s and handing them off to other '
+                'workers now.', self.hostname, len(jobs),
+                ', '.join(job.id for job in jobs),
+            )
+        for job in jobs:
+            self._kill_running_copy(job)
+        fault_point('handoff.after_stop')
+        if session is None:
+            if jobs:
+                logger.error(
+                    'Worker %s has no broker connection to hand off %s; peers take '
+                    'over the covered ones within %.3g s once they see it gone.',
+                    self.hostname, ', '.join(job.id for job in jobs),
+                    self.settings.detection_bound,
+                )
+        else:
+            for job in jobs:
+                self._redispatch(
+                    session, job.id, job.attempt, 'handed_off',
+                    f'worker {self.hostname} shut down (cold)', by=self.hostname,
+                )
+            fault_point('handoff.after_redispatch')
+            for lane in session.lanes:
+                session.purge(lane)
+            self._last_lane = None
+            # Jobs still waiting for a pool process may be unacknowledged; their
+            # messages go only now that their next attempt is out.
+            self.call_soon(lambda: _acknowledge(jobs))
+        self._handed_off_cold.set()
+        self._stopping.set()
 
     def _run_commands(self, session: _Session) -> None:
         while True:
@@ -939,5 +1058,19 @@ def register(supervisor: Supervisor) -> None:
 def _acknowledge(jobs: Iterable[HeldJob]) -> None:
     for job in jobs:
         request = job.request
-        if request is not None and not request.acknowledged:
+        # A requeued job's message is the broker's to deliver again.
+        if (
+            request is not None and not request.acknowledged
+            and job.released != 'requeued'
+        ):
             request.acknowledge()
+
+
+def cold_shutdown_began() -> bool:
+    """True once Celery's cold shutdown (SIGQUIT, a second Ctrl+C) began.
+
+    Celery sets ``should_terminate`` when its soft shutdown is over, right
+    before it stops the pool, and again when its signal handler returns.
+    """
+    flag = worker_state.should_terminate
+    return flag is not None and flag is not False

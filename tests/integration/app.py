@@ -11,6 +11,8 @@ worker processes and the test process build the same app from the same mapping:
 - ``TURNOUT_IT_TASK_QUEUE``: the queue jobs are sent to, unique per test.
 - ``TURNOUT_IT_INTERVAL``: ``turnout_supervise_interval`` in seconds.
 - ``TURNOUT_IT_SHUTDOWN``: ``turnout_shutdown`` (``handoff`` or ``wait``).
+- ``TURNOUT_IT_SOFT_SHUTDOWN_TIMEOUT``: Celery's ``worker_soft_shutdown_timeout``
+  in seconds (0, the default, turns the soft shutdown off).
 - ``TURNOUT_IT_RECORDS``: the directory where jobs write what they did.
 - ``TURNOUT_IT_TASK_EVENTS``: ``1`` makes workers send events, as ``-E`` does.
 
@@ -72,6 +74,9 @@ def create_app(env: Mapping[str, str]) -> Celery:
         turnout_store_url=env.get("TURNOUT_IT_STORE_URL", "redis://127.0.0.1:6379/3"),
         turnout_queue_prefix=env.get("TURNOUT_IT_QUEUE_PREFIX", "turnout-it"),
         turnout_shutdown=env.get("TURNOUT_IT_SHUTDOWN", "handoff"),
+        worker_soft_shutdown_timeout=float(
+            env.get("TURNOUT_IT_SOFT_SHUTDOWN_TIMEOUT", "0")
+        ),
         turnout_monitor_queue_expires=QUEUE_EXPIRES_MS / 1000,
         worker_send_task_events=env.get("TURNOUT_IT_TASK_EVENTS") == "1",
     )

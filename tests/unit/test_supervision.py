@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from celery.worker import state as worker_state
 from kombu import Queue
 
 from celery_turnout.errors import MalformedMessage
@@ -20,7 +21,7 @@ from celery_turnout.ledger import HeldJob
 from celery_turnout.messages import ATTEMPT_HEADER, COPY_HEADER, Fence, Monitor
 from celery_turnout.settings import Settings
 from celery_turnout.store import FileStore
-from celery_turnout.supervision import Supervisor
+from celery_turnout.supervision import Supervisor, cold_shutdown_began
 
 
 class RecordingSession:
@@ -384,3 +385,73 @@ def test_a_worker_held_up_past_its_next_tick_runs_it_before_letting_its_check_go
     assert supervisor.ledger.get('job-1').released is None
     assert 'checked its own supervise tick 0' in caplog.text
     assert 'held up' in caplog.text
+
+
+def test_a_cold_shutdown_re_dispatches_then_purges_and_only_then_acknowledges(
+    supervisor, store, session,
+):
+    running = hold(supervisor, store)
+    running.request.acknowledged = True
+    waiting = hold(supervisor, store, 'job-2')  # not yet covered
+
+    supervisor._hand_off_cold(session)
+    assert running.released == waiting.released == 'handed_off'
+    assert session.ops[:2] == [('re-dispatch', 'job-1', 2), ('re-dispatch', 'job-2', 2)]
+    assert steps(session)[2:] == ['purge', 'purge']
+    # The waiting job's message goes on the main thread, after its re-dispatch.
+    assert not waiting.request.acknowledged
+    supervisor.run_pending_calls()
+    assert waiting.request.acknowledged
+    assert supervisor._stopping.is_set()
+
+
+def test_a_cold_shutdown_without_a_broker_leaves_the_evidence_to_peers(
+    supervisor, store,
+):
+    job = hold(supervisor, store)
+    supervisor._hand_off_cold(None)
+    supervisor.run_pending_calls()
+    assert job.released == 'handed_off'
+    assert not job.request.acknowledged
+    assert supervisor._stopping.is_set()
+
+
+def test_a_copy_celery_stops_unacknowledged_is_left_to_the_broker(
+    supervisor, store, session,
+):
+    supervisor._driver = 'redis'
+    job = hold(supervisor, store)
+    # A tick covers the job while Celery's soft shutdown holds the main thread;
+    # then Celery stops the copy, whose message it leaves to the broker.
+    supervisor._tick(session)
+    supervisor.copy_cancelled(job)
+    supervisor.run_pending_calls()
+    assert job.released == 'requeued'
+    assert not job.request.acknowledged
+
+    session.ops.clear()
+    supervisor._hand_off_cold(session)
+    assert steps(session) == ['purge', 'purge']
+
+
+def test_a_copy_celery_stops_is_re_dispatched_where_the_broker_would_not(
+    supervisor, store, session,
+):
+    supervisor._driver = 'filesystem'
+    job = hold(supervisor, store)
+    supervisor.copy_cancelled(job)
+    assert job.released == 'handed_off'
+    supervisor._hand_off_cold(session)
+    assert session.ops == [
+        ('re-dispatch', 'job-1', 2),
+        ('purge', supervisor.names.lanes[0]),
+        ('purge', supervisor.names.lanes[1]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ('flag', 'began'), [(None, False), (False, False), (True, True), (1, True)],
+)
+def test_a_cold_shutdown_is_read_as_celery_reads_it(monkeypatch, flag, began):
+    monkeypatch.setattr(worker_state, 'should_terminate', flag)
+    assert cold_shutdown_began() is began
