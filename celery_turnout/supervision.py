@@ -422,13 +422,14 @@ class Supervisor:
 
         Used on a warm shutdown, so that peers need not wait for the detection
         bound. Copies are stopped first, then re-dispatched; only then are both
-        lanes purged. A worker killed half way leaves its lanes as they were,
-        and the monitor messages already out take over whatever it had not
-        handed off yet.
+        lanes purged and the messages of jobs no tick covered yet acknowledged.
+        A worker killed half way leaves its lanes as they were: the monitor
+        messages already out take over the covered jobs, and the broker returns
+        the messages of the others.
         """
         jobs = self.ledger.release_held('handed_off')
         for job in jobs:
-            self.stop_copy(job)
+            self._kill_running_copy(job)
         fault_point('handoff.after_stop')
         done = threading.Event()
 
@@ -451,11 +452,17 @@ class Supervisor:
                 ', '.join(job.id for job in jobs),
             )
             self._commands.put(command)
-            if not done.wait(timeout):
+            if done.wait(timeout):
+                _acknowledge(jobs)
+            else:
+                for job in jobs:
+                    if not job.covered:
+                        job.released = 'requeued'  # never acknowledged now
                 logger.error(
                     'Worker %s could not hand off its jobs within %.0f s; the '
-                    'monitor messages already sent will re-dispatch them once '
-                    'peers see this worker gone.', self.hostname, timeout,
+                    'monitor messages already sent re-dispatch the covered ones '
+                    'once peers see this worker gone, and the broker returns the '
+                    'others when the connection closes.', self.hostname, timeout,
                 )
         self.stop()
 

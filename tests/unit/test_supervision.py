@@ -8,6 +8,7 @@ job's own message is acknowledged.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -455,3 +456,33 @@ def test_a_copy_celery_stops_is_re_dispatched_where_the_broker_would_not(
 def test_a_cold_shutdown_is_read_as_celery_reads_it(monkeypatch, flag, began):
     monkeypatch.setattr(worker_state, 'should_terminate', flag)
     assert cold_shutdown_began() is began
+
+
+def test_a_warm_hand_off_acknowledges_an_uncovered_job_only_after_its_re_dispatch(
+    supervisor, store, session,
+):
+    job = hold(supervisor, store)
+    acknowledged_at_redispatch = []
+
+    def supervision_thread():
+        command = supervisor._commands.get(timeout=5)
+        acknowledged_at_redispatch.append(job.request.acknowledged)
+        command(session)
+
+    thread = threading.Thread(target=supervision_thread)
+    thread.start()
+    supervisor.hand_off(timeout=5)
+    thread.join(5)
+    assert acknowledged_at_redispatch == [False]
+    assert ('re-dispatch', 'job-1', 2) in session.ops
+    assert job.request.acknowledged
+
+
+def test_a_hand_off_that_times_out_leaves_an_uncovered_job_to_the_broker(
+    supervisor, store,
+):
+    job = hold(supervisor, store)
+    supervisor.hand_off(timeout=0.05)  # no supervision thread takes the command
+    supervisor.run_pending_calls()
+    assert job.released == 'requeued'
+    assert not job.request.acknowledged
