@@ -922,15 +922,23 @@ class Supervisor:
 
         A worker that checks itself is alive, whatever its lane says: taking
         its own jobs over would only stop them and run them again. The check
-        may go only once a later tick's monitor message names every job still
-        held; normally that tick ran before the check came due, and a thread
-        that was held up runs it now.
+        goes once a later tick's monitor message names every job still held.
+        Normally that tick ran before the check came due; a thread that was
+        held up runs it now, and so does a worker whose wall clock (which due
+        times use) stepped ahead of its tick cadence.
         """
         if monitor.owner != self.worker_id:
             return False
         self._tick_if_due(session)
         if self._tick_no <= monitor.tick + 1 and self.ledger.held():
-            return False
+            logger.warning(
+                'Worker %s got the check of its own supervise tick %d before its '
+                'next tick was due: the wall clock moved ahead of the tick '
+                'cadence, and peers may take its jobs over early. It ticks now.',
+                self.worker_id, monitor.tick,
+            )
+            self._tick(session)
+            self._schedule_tick()
         late = now - monitor.due
         if late > self.settings.grace:
             logger.warning(

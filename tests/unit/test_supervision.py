@@ -486,3 +486,21 @@ def test_a_hand_off_that_times_out_leaves_an_uncovered_job_to_the_broker(
     supervisor.run_pending_calls()
     assert job.released == 'requeued'
     assert not job.request.acknowledged
+
+
+def test_a_check_of_its_own_tick_before_the_next_tick_is_due_makes_the_worker_tick(
+    supervisor, store, session, caplog,
+):
+    # Due times are wall-clock times, ticks follow the monotonic clock: a
+    # wall clock that steps ahead brings a check before the next tick.
+    hold(supervisor, store)
+    own_check_of_first_tick(supervisor, store, session, late=0.0)
+    supervisor._next_tick = time.monotonic() + 60
+    session.ops.clear()
+
+    with caplog.at_level('WARNING'):
+        supervisor._check_due(session)
+    assert steps(session)[:3] == ['read control', 'publish supervise', 'purge']
+    assert 'publish fence' not in steps(session)
+    assert supervisor.ledger.get('job-1').released is None
+    assert 'before its next tick was due' in caplog.text
