@@ -434,15 +434,7 @@ class Supervisor:
         done = threading.Event()
 
         def command(session: _Session) -> None:
-            for job in jobs:
-                self._redispatch(
-                    session, job.id, job.attempt, 'handed_off',
-                    f'worker {self.hostname} shut down', by=self.hostname,
-                )
-            fault_point('handoff.after_redispatch')
-            for lane in session.lanes:
-                session.purge(lane)
-            self._last_lane = None
+            self._pass_on(session, jobs, f'worker {self.hostname} shut down')
             done.set()
 
         if jobs:
@@ -660,20 +652,23 @@ class Supervisor:
                     self.settings.detection_bound,
                 )
         else:
-            for job in jobs:
-                self._redispatch(
-                    session, job.id, job.attempt, 'handed_off',
-                    f'worker {self.hostname} shut down (cold)', by=self.hostname,
-                )
-            fault_point('handoff.after_redispatch')
-            for lane in session.lanes:
-                session.purge(lane)
-            self._last_lane = None
+            self._pass_on(session, jobs, f'worker {self.hostname} shut down (cold)')
             # Jobs still waiting for a pool process may be unacknowledged; their
             # messages go only now that their next attempt is out.
             self.call_soon(lambda: _acknowledge(jobs))
         self._handed_off_cold.set()
         self._stopping.set()
+
+    def _pass_on(self, session: _Session, jobs: list[HeldJob], reason: str) -> None:
+        """Re-dispatch the jobs of a leaving worker, then purge both its lanes."""
+        for job in jobs:
+            self._redispatch(
+                session, job.id, job.attempt, 'handed_off', reason, by=self.hostname,
+            )
+        fault_point('handoff.after_redispatch')
+        for lane in session.lanes:
+            session.purge(lane)
+        self._last_lane = None
 
     def _run_commands(self, session: _Session) -> None:
         while True:

@@ -371,12 +371,22 @@ def test_a_worker_never_takes_over_its_own_jobs_once_a_later_tick_is_out(
     assert own.owner == supervisor.worker_id
 
 
-def test_a_worker_held_up_past_its_next_tick_runs_it_before_letting_its_check_go(
-    supervisor, store, session, caplog,
+@pytest.mark.parametrize(
+    ('late', 'next_tick_in', 'logged'),
+    [
+        # Its supervision thread was held up past its next tick.
+        (3.0, -2.0, 'checked its own supervise tick 0 3.0 s after it was due'),
+        # Its wall clock, which due times use, stepped ahead of the cadence.
+        (0.0, 60.0, 'before its next tick was due'),
+    ],
+    ids=['held-up', 'clock-ahead'],
+)
+def test_a_worker_ticks_before_it_lets_a_check_of_its_own_tick_go(
+    supervisor, store, session, caplog, late, next_tick_in, logged,
 ):
     hold(supervisor, store)
-    own_check_of_first_tick(supervisor, store, session, late=3.0)
-    supervisor._next_tick = time.monotonic() - 2.0  # the tick it missed
+    own_check_of_first_tick(supervisor, store, session, late=late)
+    supervisor._next_tick = time.monotonic() + next_tick_in
     session.ops.clear()
 
     with caplog.at_level('WARNING'):
@@ -384,8 +394,7 @@ def test_a_worker_held_up_past_its_next_tick_runs_it_before_letting_its_check_go
     assert steps(session)[:3] == ['read control', 'publish supervise', 'purge']
     assert 'publish fence' not in steps(session)
     assert supervisor.ledger.get('job-1').released is None
-    assert 'checked its own supervise tick 0' in caplog.text
-    assert 'held up' in caplog.text
+    assert logged in caplog.text
 
 
 def test_a_cold_shutdown_re_dispatches_then_purges_and_only_then_acknowledges(
@@ -486,21 +495,3 @@ def test_a_hand_off_that_times_out_leaves_an_uncovered_job_to_the_broker(
     supervisor.run_pending_calls()
     assert job.released == 'requeued'
     assert not job.request.acknowledged
-
-
-def test_a_check_of_its_own_tick_before_the_next_tick_is_due_makes_the_worker_tick(
-    supervisor, store, session, caplog,
-):
-    # Due times are wall-clock times, ticks follow the monotonic clock: a
-    # wall clock that steps ahead brings a check before the next tick.
-    hold(supervisor, store)
-    own_check_of_first_tick(supervisor, store, session, late=0.0)
-    supervisor._next_tick = time.monotonic() + 60
-    session.ops.clear()
-
-    with caplog.at_level('WARNING'):
-        supervisor._check_due(session)
-    assert steps(session)[:3] == ['read control', 'publish supervise', 'purge']
-    assert 'publish fence' not in steps(session)
-    assert supervisor.ledger.get('job-1').released is None
-    assert 'before its next tick was due' in caplog.text
