@@ -15,6 +15,7 @@ from .errors import ImproperlyConfigured
 from .settings import Settings
 from .store import store_for
 from .supervision import Supervisor, cold_shutdown_began, register, supervisor_of
+from .window import PrefetchWindow
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +62,33 @@ class Supervision(bootsteps.StartStopStep):
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self.supervisor: Supervisor | None = None
+        self.window: PrefetchWindow | None = None
         self._timer: Any = None
 
     def start(self, c: Any) -> None:
         if self.supervisor is None:
             self.supervisor = self._create(c)
             self.supervisor.start()
+            self.window = PrefetchWindow(
+                c, self.supervisor.ledger, c.hostname, _leaving,
+            )
         # The Events step makes a new dispatcher on every connection.
         self.supervisor.event_dispatcher = getattr(c, 'event_dispatcher', None)
-        self._timer = c.timer.call_repeatedly(
-            MAIN_THREAD_PERIOD, self.supervisor.run_pending_calls,
-        )
+        self._timer = c.timer.call_repeatedly(MAIN_THREAD_PERIOD, self._step)
+
+    def _step(self) -> None:
+        # Acknowledging covered jobs frees prefetch slots: the window follows
+        # at once, before the event loop reads more task messages.
+        assert self.supervisor is not None and self.window is not None
+        self.supervisor.run_pending_calls()
+        try:
+            self.window.adjust()
+        except Exception:
+            logger.exception(
+                'Worker %s could not adjust its prefetch window to the jobs that '
+                'wait for a pool process; it may reserve more jobs than it runs '
+                'until the next try.', self.supervisor.hostname,
+            )
 
     def _create(self, c: Any) -> Supervisor:
         if isinstance(c.pool, SoloPool):

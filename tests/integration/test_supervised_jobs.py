@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from harness import Cluster, wait_for
+from harness import Cluster, stays_false, wait_for
 
 import celery_turnout
 
@@ -103,3 +103,43 @@ def test_a_job_is_covered_by_supervision_within_one_interval_and_a_grace(
 
     assert covered[0]["attempt"] == 1
     assert covered[0]["at"] - first["time"] <= cluster.interval + grace + COVER_SLACK
+
+
+def test_a_busy_worker_reserves_no_more_jobs_than_its_prefetch_window(
+    cluster: Cluster,
+) -> None:
+    # With one pool process and a prefetch multiplier of 1, the worker runs one
+    # job and reserves one more. The reserved job is acknowledged at its first
+    # tick; without a withheld slot every later tick would let one more in.
+    (busy,) = cluster.start(1, concurrency=1)
+    seconds = 12 * cluster.interval
+    jobs = [cluster.send("it.sleeper", seconds) for _ in range(4)]
+    cluster.wait_started(jobs[0].id)
+
+    def admitted_by(worker_name: str) -> list[str]:
+        return [
+            job.id
+            for job in jobs
+            if any(
+                e["event"] == "started" and e["worker"] == worker_name
+                for e in celery_turnout.history(cluster.app, job.id)
+            )
+        ]
+
+    wait_for(
+        lambda: len(admitted_by(busy.name)) == 2,
+        timeout=10 * cluster.interval,
+        what=f"{busy.name} to reserve a second job",
+    )
+    assert stays_false(
+        lambda: len(admitted_by(busy.name)) > 2, duration=4 * cluster.interval
+    ), f"{busy.name} reserved {admitted_by(busy.name)} with one pool process"
+
+    (idle,) = cluster.start(1, concurrency=1)
+    for job in jobs:
+        assert job.get(timeout=4 * seconds + 30)["attempt"] == 1
+
+    # The jobs the busy worker left in the queue went to the idle one (the last
+    # may go to either: both have room once the first job ends).
+    ran_on = [cluster.records.started(job.id)["worker"] for job in jobs]
+    assert ran_on[:3] == [busy.name, busy.name, idle.name], ran_on
