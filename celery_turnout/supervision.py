@@ -976,7 +976,8 @@ class Supervisor:
         fault_point('check.after_fence')
         logger.warning(
             'Worker %s stopped reading its supervise lane (tick %d was due %.1f s '
-            'ago); worker %s takes over its %d job(s): %s.',
+            'ago); worker %s takes over its %d job(s) and re-dispatches each one '
+            'that is not finished, cancelled or taken over already: %s.',
             monitor.owner, monitor.tick, time.time() - monitor.due, self.worker_id,
             len(monitor.jobs), ', '.join(f'{j} attempt {a}' for j, a in monitor.jobs),
         )
