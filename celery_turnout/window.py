@@ -64,11 +64,17 @@ class PrefetchWindow:
             # A new connection: Celery set the full window and consumes again.
             self._qos, self._task_consumer = qos, task_consumer
             self.withheld, self.paused = 0, False
+        if _restoring(self.consumer):
+            # After a reconnection Celery raises the window back step by step,
+            # setting the QoS value outright on every acknowledgement: a slot
+            # withheld now would be lost on the next step and given back twice.
+            self.withheld = 0
         window = qos.value + self.withheld
         if not window:
             return  # a prefetch count of zero: the user asked for no limit
         waiting = self.waiting()
-        self._withhold(qos, min(waiting, window - 1))
+        if not _restoring(self.consumer):
+            self._withhold(qos, min(waiting, window - 1))
         full = waiting >= window
         if full and not self.paused:
             self._pause(task_consumer, waiting)
@@ -100,3 +106,9 @@ class PrefetchWindow:
             'Worker %s takes task messages again: a pool process started one of '
             'its waiting jobs.', self.hostname,
         )
+
+
+def _restoring(consumer: Any) -> bool:
+    # Celery's consumer keeps this flag false while it restores a prefetch
+    # count it reduced after a reconnection (worker_enable_prefetch_count_reduction).
+    return getattr(consumer, '_maximum_prefetch_restored', True) is False

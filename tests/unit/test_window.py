@@ -195,3 +195,19 @@ def test_a_leaving_worker_is_not_made_to_consume_again() -> None:
     worker.window.adjust()
 
     assert not worker.consuming
+
+
+def test_nothing_is_withheld_while_celery_restores_its_window() -> None:
+    worker = Worker(prefetch=4)
+    worker.consumer._maximum_prefetch_restored = False
+    worker.admit(acknowledged=True)
+    worker.window.adjust()
+    # Celery sets the value outright on each acknowledgement meanwhile.
+    worker.consumer.qos.value = 4
+    assert worker.window.withheld == 0
+
+    worker.consumer._maximum_prefetch_restored = True
+    worker.window.adjust()
+
+    assert worker.prefetch == 3
+    assert worker.window.withheld == 1
