@@ -15,7 +15,7 @@ from typing import Any
 import click
 from celery import Celery
 from celery.backends.base import DisabledBackend
-from celery.states import READY_STATES, SUCCESS
+from celery.states import PENDING, READY_STATES, SUCCESS
 
 from .cancellation import cancel as cancel_job
 from .store import store_for
@@ -39,25 +39,51 @@ def turnout(ctx: click.Context) -> None:
 @turnout.command()
 @click.option('--timeout', default=2.0, show_default=True,
               help='Seconds to wait for the workers to answer.')
+@click.option('-d', '--destination', default=None, metavar='NAMES',
+              help='Ask only these workers (comma-separated node names); any of '
+                   'them that does not answer in time is named on stderr.')
 @JSON_OPTION
 @click.pass_context
-def jobs(ctx: click.Context, timeout: float, as_json: bool) -> None:
-    """List the jobs every worker holds: owner, attempt, age, progress."""
+def jobs(ctx: click.Context, timeout: float, destination: str | None,
+         as_json: bool) -> None:
+    """List the jobs every worker holds: owner, attempt, age, progress.
+
+    Only workers that answer within --timeout are listed. Exit status 1 when no
+    worker answered, or when a worker named with --destination did not.
+    """
     app: Celery = ctx.obj.app
+    expected = _names(destination)
     # Workers answer at once; the broadcast then waits out its timeout.
     asked = time.time()
-    replies = app.control.broadcast('turnout-jobs', reply=True, timeout=timeout)
+    replies = app.control.broadcast(
+        'turnout-jobs', reply=True, timeout=timeout, destination=expected,
+        limit=len(expected) if expected else None,
+    )
     held, errors = gather_jobs(replies)
+    answered = answered_by(replies)
+    missing = sorted(set(expected or ()) - set(answered))
+    incomplete = not answered or bool(missing)
     if as_json:
-        click.echo(json.dumps({'jobs': held, 'errors': errors}, indent=2))
-        return
+        click.echo(json.dumps({
+            'jobs': held, 'errors': errors, 'answered': answered,
+            'unanswered': missing,
+        }, indent=2))
+        ctx.exit(1 if incomplete else 0)
     for worker, error in errors.items():
         click.echo(f'{worker}: {error}', err=True)
-    if not held:
-        click.echo('No turnout jobs are running.')
-        return
-    for line in jobs_table(held, asked):
-        click.echo(line)
+    click.echo(answer_note(answered, expected, missing, timeout), err=True)
+    if held:
+        for line in jobs_table(held, asked):
+            click.echo(line)
+    elif answered:
+        click.echo('No turnout jobs are running on the workers that answered.')
+    ctx.exit(1 if incomplete else 0)
+
+
+def _names(destination: str | None) -> list[str] | None:
+    if not destination:
+        return None
+    return [name.strip() for name in destination.split(',') if name.strip()]
 
 
 def gather_jobs(
@@ -80,6 +106,44 @@ def gather_jobs(
                                      if isinstance(answer, Mapping) else answer)
     held.sort(key=lambda job: job.get('started') or 0)
     return held, errors
+
+
+def answered_by(replies: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The node names of the workers that answered, with jobs or an error."""
+    return sorted({worker for reply in replies for worker in reply})
+
+
+def answer_note(
+    answered: list[str], expected: list[str] | None, missing: list[str],
+    timeout: float,
+) -> str:
+    """The stderr line of ``jobs`` that says whose jobs the list can hold.
+
+    A broadcast cannot know which workers exist: a worker that is paused,
+    overloaded or cut off from the broker does not answer, and its jobs are
+    simply absent. Only names given with ``--destination`` can be missed.
+    """
+    if missing:
+        return (
+            f'No answer within {timeout:g} s from {", ".join(missing)} (asked: '
+            f'{", ".join(expected or ())}): the jobs they hold are not listed. A '
+            'paused, overloaded or stopped worker answers late or never; try a '
+            'longer --timeout, or check that the worker runs.'
+        )
+    if not answered:
+        return (
+            f'No worker answered within {timeout:g} s: either no worker of this '
+            'app is running, or none answered in time (paused, overloaded or cut '
+            'off from the broker). Try a longer --timeout.'
+        )
+    if expected:
+        return f'All {len(answered)} workers asked answered: {", ".join(answered)}.'
+    return (
+        f'{len(answered)} worker(s) answered within {timeout:g} s: '
+        f'{", ".join(answered)}. A worker that did not answer in time is not '
+        'listed, nor are its jobs; name the workers you expect with '
+        '--destination to have any silent one named.'
+    )
 
 
 def jobs_table(held: list[dict[str, Any]], now: float) -> list[str]:
@@ -155,7 +219,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         }, indent=2, default=repr))
         return
     if not events:
-        raise click.ClickException(f'no turnout history for job {job_id}')
+        raise click.ClickException(no_record(job_id))
     start = events[0]['at']
     for event in events:
         click.echo(_line(event, start))
@@ -172,6 +236,16 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
                    f'{duration(now - checkpoint.get("at", now))} ago')
     if cancelled:
         click.echo(f'cancelled: {cancelled}')
+
+
+def no_record(job_id: str) -> str:
+    """The message of ``show`` and ``watch`` for a job turnout knows nothing of."""
+    return (
+        f'turnout has no record of job {job_id}: no worker has admitted it. Check '
+        'the id (and that this is the app that sent the job); a job that still '
+        'waits in the broker queue has no record yet either, so try again once a '
+        'worker has taken it.'
+    )
 
 
 def _line(event: dict[str, Any], start: float) -> str:
@@ -200,7 +274,11 @@ def _state(app: Celery, job_id: str) -> str | None:
 @click.pass_context
 def watch(ctx: click.Context, job_id: str, timeout: float | None,
           as_json: bool) -> None:
-    """Follow a job's progress until it ends; exit 0 only if it succeeded."""
+    """Follow a job's progress until it ends; exit 0 only if it succeeded.
+
+    Exit status 1 when the job ended otherwise or turnout has no record of it,
+    2 when --timeout passed first.
+    """
     app: Celery = ctx.obj.app
     if isinstance(app.backend, DisabledBackend):
         raise click.ClickException('watch needs a result backend to see the outcome')
@@ -208,9 +286,15 @@ def watch(ctx: click.Context, job_id: str, timeout: float | None,
     deadline = None if timeout is None else time.monotonic() + timeout
     live = sys.stdout.isatty() and not as_json
     last: str | None = None
+    first = True
     while True:
         meta = backend.get_task_meta(job_id, cache=False)
         state, progress = str(meta.get('status')), store.progress(job_id)
+        # The backend says PENDING for any id it does not know: without a
+        # history either, the job would be watched forever.
+        if first and state == PENDING and not progress and not store.history(job_id):
+            raise click.ClickException(no_record(job_id))
+        first = False
         update = watch_update(job_id, state, progress, meta.get('result'))
         text = json.dumps(update) if as_json else watch_line(update)
         if text != last:

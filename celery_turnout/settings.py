@@ -20,7 +20,8 @@ from .errors import ImproperlyConfigured
 #: Documented defaults, keyed by setting name.
 DEFAULTS: Mapping[str, Any] = {
     #: Seconds between two supervise ticks of a worker that holds jobs. A dead
-    #: worker is detected within ``interval + grace``.
+    #: worker is detected within ``interval + grace``. At least
+    #: :data:`MIN_SUPERVISE_INTERVAL`.
     'turnout_supervise_interval': 5.0,
     #: Seconds a monitor check waits past one interval before it looks at the
     #: owner's supervise lane. ``None`` means half the interval; it must stay
@@ -40,7 +41,9 @@ DEFAULTS: Mapping[str, Any] = {
     'turnout_queue_expires': None,
     #: Seconds the shared monitor queue lives with no consumer at all.
     'turnout_monitor_queue_expires': 7 * 24 * 3600.0,
-    #: Seconds claims, stored messages and history are kept in the store.
+    #: Seconds claims, stored messages and history are kept in the store: longer
+    #: than any job waits and runs, and at least :data:`MIN_RECORD_TTL_BOUNDS`
+    #: detection bounds.
     'turnout_record_ttl': 7 * 24 * 3600.0,
     #: What a warm shutdown does with held jobs: ``'handoff'`` stops them and
     #: re-dispatches them at once; ``'wait'`` lets them finish first. A cold
@@ -52,6 +55,25 @@ DEFAULTS: Mapping[str, Any] = {
 }
 
 _SHUTDOWN_MODES = ('handoff', 'wait')
+
+#: The shortest supervise interval, in seconds. Each tick publishes a
+#: supervise message, posts a monitor check and purges the previous message:
+#: several broker round trips that must be done well inside one interval, or
+#: a tick that is merely slow looks like a dead worker and its jobs are taken
+#: over. A round trip takes about a millisecond on loopback, tens of them over
+#: a network, and a busy worker's tick can start a good part of a second late;
+#: at 0.1 s the grace is already only 50 ms.
+MIN_SUPERVISE_INTERVAL = 0.1
+
+#: ``turnout_record_ttl`` must be at least this many detection bounds. A job's
+#: stored message is written when a worker admits an attempt and is not
+#: renewed; a takeover reads it to re-dispatch the job. Even for a job whose
+#: worker dies right after admitting it, that read comes up to about four
+#: detection bounds later (an interval until the first tick covers it, a
+#: detection bound until the check is due, and two more if that check is
+#: retried after its lease); loaded machines have seen checks several
+#: intervals later still. A record that expires first loses the job.
+MIN_RECORD_TTL_BOUNDS = 10
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,13 @@ class Settings:
         """
         conf = {key: app.conf.get(key, default) for key, default in DEFAULTS.items()}
         interval = _positive(conf, 'turnout_supervise_interval')
+        if interval < MIN_SUPERVISE_INTERVAL:
+            raise ImproperlyConfigured(
+                f'turnout_supervise_interval is {interval:g} s; use at least '
+                f'{MIN_SUPERVISE_INTERVAL:g} s. Each tick makes several broker '
+                'round trips that must finish well inside one interval, or a slow '
+                'tick looks like a dead worker and its jobs are taken over.'
+            )
         grace = conf['turnout_grace']
         grace = interval / 2 if grace is None else _positive(conf, 'turnout_grace')
         if grace >= interval:
@@ -118,6 +147,15 @@ class Settings:
                 f'turnout_queue_prefix is {prefix!r}; use a non-empty name '
                 'without colons.'
             )
+        record_ttl = _positive(conf, 'turnout_record_ttl')
+        if record_ttl < MIN_RECORD_TTL_BOUNDS * (interval + grace):
+            raise ImproperlyConfigured(
+                f'turnout_record_ttl ({record_ttl:g} s) must be at least '
+                f'{MIN_RECORD_TTL_BOUNDS} detection bounds (interval + grace), '
+                f'{MIN_RECORD_TTL_BOUNDS * (interval + grace):g} s, and longer '
+                'than the longest job runs: a takeover re-dispatches a job from '
+                'its stored message, and a job whose record expired first is lost.'
+            )
         return cls(
             supervise_interval=interval,
             grace=grace,
@@ -126,7 +164,7 @@ class Settings:
             queue_prefix=prefix,
             queue_expires=expires,
             monitor_queue_expires=_positive(conf, 'turnout_monitor_queue_expires'),
-            record_ttl=_positive(conf, 'turnout_record_ttl'),
+            record_ttl=record_ttl,
             shutdown=shutdown,
             monitor_prefetch=int(_positive(conf, 'turnout_monitor_prefetch')),
         )

@@ -24,6 +24,7 @@ from .errors import ImproperlyConfigured, JobSuperseded
 from .faults import fault_point
 from .messages import ATTEMPT_HEADER, COPY_HEADER
 from .progress import STALL_ACTIONS, Reporter
+from .settings import MIN_SUPERVISE_INTERVAL
 from .store import store_for
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,13 @@ class TurnoutTask(Task):
                     f'task {cls.name}: {option} is {value!r}; use a positive '
                     'number of seconds or None.'
                 )
+        interval = cls.supervise_interval
+        if interval is not None and interval < MIN_SUPERVISE_INTERVAL:
+            raise ImproperlyConfigured(
+                f'task {cls.name}: supervise_interval is {interval:g} s; use at '
+                f'least {MIN_SUPERVISE_INTERVAL:g} s, the shortest interval '
+                'turnout_supervise_interval accepts.'
+            )
         takeovers = cls.max_takeovers
         if takeovers is not None and (
             isinstance(takeovers, bool) or not isinstance(takeovers, int)

@@ -1,10 +1,11 @@
 """The figures of a chaos run, computed from what the run saved.
 
 Inputs, all in the run folder: ``run.json`` (the jobs, the worker processes,
-every disruption, every process the watch saw, the final state of each job
-and its ``celery_turnout.history``), ``records/<job>.jsonl`` (one line per
-start and per finish of a copy of a job: job id, attempt, worker, pid, time)
-and the worker logs.
+every disruption, every process the watch saw, the jobs whose messages waited
+in the broker at the drain deadline, the final state of each job and its
+``celery_turnout.history``), ``records/<job>.jsonl`` (one line per start and
+per finish of a copy of a job: job id, attempt, worker, pid, the process's
+start time, time) and the worker logs.
 
 The rules, in the order the report prints them:
 
@@ -12,10 +13,29 @@ The rules, in the order the report prints them:
 the first of: its finish record (same job, attempt and pid); the next start
 record of the same process (the process moved on); the death of its process,
 as the process watch saw it (to within one poll, a quarter second). A copy
-with none of these still runs at the end of the run.
+with none of these still runs at the end of the run. A record names its
+process by pid and start time; a process the watch never saw (one that lived
+less than a poll, or a record without a start time that the watch saw only
+later) leaves its copy *unwatched*: only a record can end it, else the death
+of its worker's main process or the end of the run bounds it from above.
 
-*Completed.* The job's result in the backend is ``SUCCESS``. *Lost*: not
-completed, and no copy of it still runs at the drain deadline.
+*Completed.* The job's result in the backend is ``SUCCESS``.
+
+*Held unstarted.* Not completed, no copy of it runs at the drain deadline, and
+its latest attempt (the highest in its history) was admitted by a worker (a
+``started`` event) that was alive at the deadline, with no later event of that
+attempt but ``covered``, and without a start record of that attempt by the
+deadline: the job waits in that worker's reserve for a pool process.
+
+*Waiting in the broker.* Not completed, not running, not held unstarted, and
+a message of the job was in the run's task queue at the deadline (on Redis,
+also one taken but not acknowledged, which the broker returns after the
+visibility timeout).
+
+*Lost.* Not completed and ended otherwise (``FAILURE``, ``REVOKED``), or
+neither running, held unstarted nor waiting in the broker at the deadline. A
+run saved without a record of what waited in the broker counts the jobs that
+waited there as lost, and its report says so.
 
 *Completed more than once.* A copy's outcome is *kept* when the copy wrote a
 finish record and either its completion claim succeeded (a ``finished`` event
@@ -45,7 +65,9 @@ the rule above, and counted apart.
 second start and the moment W could act again (its resume for a pause, the
 signal for a kill or term, the fence event otherwise). Above one interval plus
 :data:`FENCE_SLACK` seconds the fence was slow: the README promises that a
-paused owner stops its copy at most one interval after it resumes.
+paused owner stops its copy at most one interval after it resumes. When A is
+unwatched and no record ends it, its end is unknown, and so is the lag: the
+overlap is counted apart and has no lag.
 
 *False takeover.* A ``taken_over`` event whose lost worker was neither killed
 nor terminated before it, nor paused at some moment in the :data:`WINDOW`
@@ -96,6 +118,12 @@ FENCE_SLACK = 1.0
 #: How many cases of each problem the report lists.
 SHOWN = 10
 
+#: Final states of a job that will never complete.
+ENDED = ("FAILURE", "REVOKED")
+
+#: History events that leave a worker holding the attempt it admitted.
+STILL_HELD = ("started", "covered")
+
 #: The worker log lines that tell what happened to a finished copy's outcome.
 DROPPED = re.compile(r"Job (\S+) attempt (\d+) ended on (\S+) after a newer attempt")
 HELD = re.compile(r"takes over its (\d+) job|handing off (\d+) turnout job")
@@ -113,17 +141,25 @@ class Copy:
     start: float
     end: float | None
     how: str
+    #: False when the process watch never saw the copy's process.
+    watched: bool = True
 
     def until(self, horizon: float) -> float:
         """The copy's end, or ``horizon`` if it still runs."""
         return horizon if self.end is None else self.end
 
+    @property
+    def end_known(self) -> bool:
+        """True when a record or the process watch tells when the copy ended."""
+        return self.watched or self.how in ("finished", "moved on")
+
     def label(self) -> str:
         """A short description for the report."""
         end = "running" if self.end is None else f"{self.end:.2f}"
+        unwatched = "" if self.watched else ", pid never seen by the watch"
         return (
             f"attempt {self.attempt} on {self.worker} pid {self.pid} "
-            f"[{self.start:.2f} - {end} {self.how}]"
+            f"[{self.start:.2f} - {end} {self.how}{unwatched}]"
         )
 
 
@@ -168,6 +204,10 @@ class Report:
     completed: int
     lost: list[str]
     running: list[str]
+    #: Job -> (the live worker that holds it unstarted, the attempt).
+    held: dict[str, tuple[str, int]]
+    #: Job -> where its message waited in the broker; None if not recorded.
+    waiting: dict[str, str] | None
     failed: list[str]
     doubled: dict[str, list[int]]
     most_copies: int
@@ -199,6 +239,11 @@ class Report:
         return [t for t in self.takeovers if t.cause is None]
 
     @property
+    def unknown_lags(self) -> list[Overlap]:
+        """Fenced overlaps whose older copy's end, and so its lag, is unknown."""
+        return [o for o in self.overlaps if o.fenced and not o.older.end_known]
+
+    @property
     def ok(self) -> bool:
         """True when no job was lost and no unfenced concurrent copies ran."""
         return not self.lost and not self.unfenced
@@ -215,6 +260,11 @@ class Report:
             f"completed: {self.completed}",
             f"lost: {len(self.lost)}",
             f"still running at the drain deadline: {len(self.running)}",
+            f"held unstarted by a live worker at the drain deadline: "
+            f"{len(self.held)}{_by_worker(self.held)}",
+            "waiting in the broker at the drain deadline: "
+            + ("not recorded by this run" if self.waiting is None
+               else str(len(self.waiting))),
             f"ended FAILURE: {len(self.failed)}",
             f"completed more than once: {len(self.doubled)}",
             f"most copies of one job at the same time: {self.most_copies} "
@@ -223,7 +273,8 @@ class Report:
             f"superseded attempts that started after their successor: "
             f"{len(self.late_starts)}",
             f"fence lag: max {_fmt(max(lags, default=None), i)} intervals; "
-            f"slow fences (> 1 interval + {FENCE_SLACK:g} s): {len(slow)}",
+            f"slow fences (> 1 interval + {FENCE_SLACK:g} s): {len(slow)}; "
+            f"unknown (copy's process never seen): {len(self.unknown_lags)}",
             f"takeovers: {len(self.takeovers)} (of {_checks(self.takeovers)} "
             f"workers' ticks), false takeovers: {len(self.false_takeovers)} (of "
             f"{_checks(self.false_takeovers)} ticks); hand-offs: "
@@ -293,7 +344,28 @@ def compute(
     running = sorted(
         j for j in data["running_at_end"] if states.get(j) != "SUCCESS"
     )
-    lost = [j for j in jobs if states.get(j) != "SUCCESS" and j not in running]
+    drained = float(data["drained"])
+    alive = {
+        w["name"] for w in data["workers"]
+        if w["spawned"] <= drained and (w["exited"] is None or w["exited"] > drained)
+    }
+    in_broker: dict[str, str] | None = data.get("waiting_at_end")
+    held: dict[str, tuple[str, int]] = {}
+    waiting: dict[str, str] = {}
+    lost = []
+    for job in jobs:
+        state = states.get(job)
+        if state == "SUCCESS" or job in running:
+            continue
+        holder = None
+        if state not in ENDED:
+            holder = held_unstarted(history.get(job, []), per_job[job], alive, drained)
+        if holder is not None:
+            held[job] = holder
+        elif state not in ENDED and in_broker is not None and job in in_broker:
+            waiting[job] = in_broker[job]
+        else:
+            lost.append(job)
     failed = [j for j in jobs if states.get(j) == "FAILURE"]
 
     # Completed more than once.
@@ -349,6 +421,8 @@ def compute(
         completed=sum(1 for j in jobs if states.get(j) == "SUCCESS"),
         lost=lost,
         running=running,
+        held=held,
+        waiting=None if in_broker is None else waiting,
         failed=failed,
         doubled=doubled,
         most_copies=most,
@@ -367,7 +441,11 @@ def compute(
         most_held=max(
             (int(a or b) for a, b in HELD.findall(log)), default=0
         ),
-        notes=list(data.get("failures", [])),
+        notes=list(data.get("failures", [])) + (
+            ["this run did not record what waited in the broker at the drain "
+             "deadline: a job that waited there counts as lost"]
+            if in_broker is None else []
+        ),
     )
     report.details = _details(report, per_job, history, states)
     return report
@@ -396,7 +474,7 @@ def build_copies(
         if r["event"] != "start":
             continue
         pid, start = int(r["pid"]), float(r["time"])
-        life = _life_at(lives.get(pid, []), start)
+        life = _life_of(lives.get(pid, []), r.get("process_start"), start)
         ends: list[tuple[float, str]] = []
         done = [t for t in finishes[(r["job"], int(r["attempt"]), pid)] if t >= start]
         if done:
@@ -415,11 +493,18 @@ def build_copies(
             how = "unknown"
         copies.append(Copy(
             r["job"], int(r["attempt"]), r["worker"], pid, start, end, how,
+            watched=life is not None,
         ))
     return copies
 
 
-def _life_at(lives: Iterable[dict[str, Any]], at: float) -> dict[str, Any] | None:
+def _life_of(
+    lives: Iterable[dict[str, Any]], process_start: int | None, at: float
+) -> dict[str, Any] | None:
+    """The watch's life of the process that wrote a record at ``at``, if seen."""
+    if process_start is not None:
+        return next((x for x in lives if x["started"] == process_start), None)
+    # Older records name the pid only: take the life the pid had at that time.
     for life in sorted(lives, key=lambda x: x["first_seen"]):
         # The watch may first see a process a poll after it wrote a record.
         if life["first_seen"] <= at + 1.0 and (
@@ -463,8 +548,36 @@ def _judge(
             why += f" ({cause['target']}, until {cause['until']:.2f})"
     else:
         free, why = fence, "fence notice obeyed"
+    if not older.end_known:
+        return Overlap(older, newer, True, why, None)
     lag = older.until(horizon) - max(second.start, float(free or horizon))
     return Overlap(older, newer, True, why, lag)
+
+
+def held_unstarted(
+    events: Sequence[dict[str, Any]], copies: Sequence[Copy], alive: set[str],
+    deadline: float,
+) -> tuple[str, int] | None:
+    """The live worker holding a job's latest attempt unstarted, and the attempt.
+
+    See *Held unstarted* in the module doc; None when the job is not so held.
+    """
+    latest = max((int(e["attempt"]) for e in events), default=0)
+    admitted = [e for e in events
+                if e["event"] == "started" and int(e["attempt"]) == latest]
+    if not admitted:
+        return None
+    last = max(admitted, key=lambda e: float(e["at"]))
+    worker = str(last["worker"])
+    released = any(
+        e["event"] not in STILL_HELD and int(e["attempt"]) == latest
+        and float(e["at"]) >= float(last["at"])
+        for e in events
+    )
+    started = any(c.attempt == latest and c.start <= deadline for c in copies)
+    if released or started or worker not in alive:
+        return None
+    return worker, latest
 
 
 def _pauses(
@@ -562,6 +675,16 @@ def _percentiles(values: Iterable[float | None], interval: float) -> str:
     )
 
 
+def _by_worker(held: dict[str, tuple[str, int]]) -> str:
+    counts: dict[str, int] = defaultdict(int)
+    for worker, _ in held.values():
+        counts[worker] += 1
+    if not counts:
+        return ""
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return " (" + ", ".join(f"{w}: {n}" for w, n in ordered) + ")"
+
+
 def _fmt(value: float | None, interval: float) -> str:
     return "-" if value is None else f"{value / interval:.2f}"
 
@@ -604,6 +727,14 @@ def _details(
     for job in report.lost[:SHOWN]:
         out.append(f"LOST {job} (state {states.get(job)})")
         job_story(job)
+    for job, (worker, attempt) in list(report.held.items())[:SHOWN]:
+        out.append(
+            f"HELD UNSTARTED {job} attempt {attempt} by {worker}, alive at the "
+            "drain deadline; no pool process had started it"
+        )
+    for job, where in list((report.waiting or {}).items())[:SHOWN]:
+        out.append(f"WAITING IN THE BROKER {job} ({where})")
+        job_story(job)
     for job, attempts in list(report.doubled.items())[:SHOWN]:
         out.append(f"COMPLETED MORE THAN ONCE {job}: attempts {attempts}")
         job_story(job)
@@ -617,6 +748,12 @@ def _details(
         out.append(
             f"LATE START {o.older.job}: {o.older.label()} began after "
             f"{o.newer.label()} ({o.why})"
+        )
+    for o in report.unknown_lags[:SHOWN]:
+        out.append(
+            f"FENCE LAG UNKNOWN {o.older.job}: {o.older.label()} next to "
+            f"{o.newer.label()} ({o.why}): no record ends the older copy and "
+            "the process watch never saw its process"
         )
     for t in report.false_takeovers[:SHOWN]:
         out.append(f"FALSE TAKEOVER {t.job} attempt {t.attempt} of {t.lost} at "

@@ -5,7 +5,10 @@ Workers start as ``celery -A app worker --include chaos.jobs``: ``app`` is
 its app. The job sleeps in small steps and records its start and its finish as
 JSON lines in ``<TURNOUT_IT_RECORDS>/<job id>.jsonl``, in the format of the
 integration tests' jobs (``job``, ``attempt``, ``worker``, ``pid``, ``event``,
-``time``), so that ``harness.Records`` reads them.
+``time``), so that ``harness.Records`` reads them. Each line also carries
+``process_start``, the pool process's start time in clock ticks since boot, so
+that the analysis finds the process in the watch's list even when the watch
+first saw it late, and never takes a later process with the same pid for it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from celery import Task
 from celery_turnout import turnout_task
 
 from . import MAX_TAKEOVERS, TASK_NAME
+from .workers import process_stat
 
 #: Seconds between two looks at the clock while the job sleeps.
 STEP = 0.05
@@ -36,6 +40,7 @@ def record(task: Task, event: str) -> None:
         "attempt": getattr(task, "attempt", None),
         "worker": task.request.hostname,
         "pid": os.getpid(),
+        "process_start": _process_start(),
         "event": event,
         "time": time.time(),
     }
@@ -47,6 +52,11 @@ def record(task: Task, event: str) -> None:
         os.write(fd, (json.dumps(line) + "\n").encode())
     finally:
         os.close(fd)
+
+
+def _process_start() -> int | None:
+    stat = process_stat("self")
+    return None if stat is None else stat[2]
 
 
 @turnout_task(it_app.app, name=TASK_NAME, bind=True, max_takeovers=MAX_TAKEOVERS)

@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+from celery import Celery
 from celery.states import READY_STATES
+from kombu import Queue
 
 from celery_turnout import history
 
@@ -45,6 +48,9 @@ STORE = f"{REDIS}/7"
 #: Redis returns a dead consumer's unacknowledged messages after this many
 #: seconds, "a few intervals" as the README advises, instead of an hour.
 VISIBILITY_TIMEOUT = 6
+
+#: Most messages looked at when the run notes what waits in the task queue.
+QUEUE_LOOK_LIMIT = 100_000
 
 #: Seconds between two progress lines.
 PROGRESS_EVERY = 30.0
@@ -144,6 +150,7 @@ def run_chaos(
         (config.gap_min, config.gap_max), lambda text: emit(f"{_clock()} {text}"),
     )
     jobs: list[dict[str, Any]] = []
+    notes: list[str] = []
     saved: dict[str, Any] = {
         "config": asdict(config), "command": command, "code": code,
         "directory": str(directory), "token": token, "started": time.time(),
@@ -182,6 +189,15 @@ def run_chaos(
         saved["running_at_end"] = _running(
             records, watch, [i.to_json() for i in monkey.incarnations]
         )
+        queue = env["TURNOUT_IT_TASK_QUEUE"]
+        try:
+            saved["waiting_at_end"] = waiting(config.broker, cluster.app, queue)
+        except Exception as exc:
+            saved["waiting_at_end"] = None
+            notes.append(
+                f"what waited in queue {queue} at the drain deadline is unknown: "
+                f"{exc!r}; jobs that waited there count as lost"
+            )
         saved["horizon"] = time.time()
     finally:
         monkey.resume_all()
@@ -190,7 +206,7 @@ def run_chaos(
     saved["jobs"] = jobs
     saved["workers"] = [i.to_json() for i in monkey.incarnations]
     saved["disruptions"] = [d.to_json() for d in monkey.disruptions]
-    saved["failures"] = monkey.failures
+    saved["failures"] = monkey.failures + notes
     saved["processes"] = [life.to_json() for life in watch.snapshot()]
     saved["states"] = {j["id"]: cluster.app.AsyncResult(j["id"]).state for j in jobs}
     saved["history"] = {j["id"]: history(cluster.app, j["id"]) for j in jobs}
@@ -222,11 +238,71 @@ def _drain(
 def _running(
     records: Path, watch: ProcessWatch, workers: list[dict[str, Any]]
 ) -> list[str]:
-    """Return the jobs of which some copy still runs now."""
+    """Return the jobs of which some copy still runs now.
+
+    A copy whose process the watch never saw is not counted: after the scan
+    below, every live process of a worker is in the watch's list.
+    """
     watch.scan()
     lives = [life.to_json() for life in watch.snapshot()]
     copies = build_copies(read_records(records), lives, workers)
-    return sorted({c.job for c in copies if c.end is None})
+    return sorted({c.job for c in copies if c.end is None and c.watched})
+
+
+def waiting(broker: str, app: Celery, queue: str) -> dict[str, str]:
+    """Return the jobs whose messages wait in the broker now: job id -> where.
+
+    ``where`` is ``queue`` for a message in ``queue`` that no worker took yet,
+    or, on Redis, ``unacked`` for one that a worker took without acknowledging
+    it, which the broker returns to the queue after the visibility timeout if
+    that worker is gone. A message a live worker took is not listed: that
+    worker admitted the job, and its history says so.
+    """
+    if broker == "redis":
+        return _waiting_on_redis(str(app.conf.broker_url), queue)
+    return _waiting_on_rabbitmq(app, queue)
+
+
+def _waiting_on_redis(url: str, queue: str) -> dict[str, str]:
+    # Read only: the queue's lists (one per priority, named after the queue)
+    # and the hash of taken but unacknowledged messages.
+    client = redis.Redis.from_url(url)
+    found: dict[str, str] = {}
+    try:
+        for key in client.scan_iter(match=f"{queue}*"):
+            if client.type(key) == b"list":
+                for raw in client.lrange(key, 0, QUEUE_LOOK_LIMIT):
+                    found[_job_of(json.loads(raw))] = "queue"
+        for raw in client.hvals("unacked"):
+            payload, _exchange, routing_key = json.loads(raw)
+            if routing_key == queue:
+                found.setdefault(_job_of(payload), "unacked")
+    finally:
+        client.close()
+    return found
+
+
+def _waiting_on_rabbitmq(app: Celery, queue: str) -> dict[str, str]:
+    # RabbitMQ shows a queue's messages only to a consumer: take each one
+    # without acknowledging it; closing the channel puts them all back.
+    found: dict[str, str] = {}
+    with app.connection_for_read() as connection:
+        channel = connection.channel()
+        try:
+            bound = Queue(queue).bind(channel)
+            for _ in range(QUEUE_LOOK_LIMIT):
+                message = bound.get(no_ack=False)
+                if message is None:
+                    break
+                found[str(message.headers.get("id"))] = "queue"
+        finally:
+            channel.close()
+    return found
+
+
+def _job_of(payload: dict[str, Any]) -> str:
+    """The job id in a Redis transport message (Celery message protocol 2)."""
+    return str(payload.get("headers", {}).get("id"))
 
 
 def _print(text: str) -> None:

@@ -171,7 +171,7 @@ class ProcessWatch:
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
-            stat = _stat(int(entry))
+            stat = process_stat(int(entry))
             if stat is None:
                 continue
             state, group, started = stat
@@ -187,8 +187,11 @@ class ProcessWatch:
                 self._live.pop(key).gone_at = now
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """Return (state, process group, start time) of ``pid``, or None if gone."""
+def process_stat(pid: int | str) -> tuple[str, int, int] | None:
+    """Return (state, process group, start time) of ``pid``, or None if gone.
+
+    The start time is in clock ticks since boot; ``"self"`` names the caller.
+    """
     try:
         with open(f"/proc/{pid}/stat") as stat:
             text = stat.read()

@@ -51,7 +51,8 @@ def test_a_minute_of_chaos_loses_no_job_and_runs_no_unfenced_copies(
 
     figure(
         f"{broker.name} chaos (seed {seed}): {report.completed}/{report.submitted} "
-        f"completed, {len(report.lost)} lost, {len(report.unfenced)} unfenced "
+        f"completed, {len(report.lost)} lost, {len(report.held)} held unstarted "
+        f"at the deadline, {len(report.unfenced)} unfenced "
         f"overlaps, {len(report.takeovers)} takeovers "
         f"({len(report.false_takeovers)} false), run took {took:.0f} s"
     )

@@ -67,13 +67,30 @@ class FakeBackend:
 
 
 class FakeStore:
+    def __init__(self, progress=None, history=()):
+        self._progress = progress
+        self._history = list(history)
+
     def progress(self, job_id):
-        return {'done': 3, 'total': 4, 'note': None, 'attempt': 2}
+        return self._progress
+
+    def history(self, job_id):
+        return self._history
+
+    def checkpoint(self, job_id):
+        return None
+
+    def cancelled(self, job_id):
+        return None
 
 
-def watch(monkeypatch, *metas, args=()):
+A_PROGRESS = {'done': 3, 'total': 4, 'note': None, 'attempt': 2}
+
+
+def watch(monkeypatch, *metas, args=(), store=None):
     app = SimpleNamespace(backend=FakeBackend(*metas))
-    monkeypatch.setattr(cli, 'store_for', lambda app: FakeStore())
+    store = store or FakeStore(progress=A_PROGRESS)
+    monkeypatch.setattr(cli, 'store_for', lambda app: store)
     monkeypatch.setattr(cli, 'WATCH_PERIOD', 0)
     return CliRunner().invoke(cli.turnout, ['watch', 'job-1', *args],
                               obj=SimpleNamespace(app=app))
@@ -104,6 +121,89 @@ def test_watch_gives_up_after_its_timeout_with_status_two(monkeypatch):
     result = watch(monkeypatch, {'status': 'STARTED', 'result': {'attempt': 1}},
                    args=['--timeout', '0'])
     assert result.exit_code == 2
+
+
+def test_watch_of_an_id_turnout_has_no_record_of_says_so_and_fails(monkeypatch):
+    result = watch(monkeypatch, {'status': 'PENDING', 'result': None},
+                   store=FakeStore())
+    assert result.exit_code == 1
+    assert 'turnout has no record of job job-1' in result.output
+    assert 'PENDING' not in result.output, 'no state line for an unknown job'
+
+
+def test_watch_follows_a_pending_job_that_a_worker_admitted(monkeypatch):
+    admitted = {'event': 'started', 'attempt': 1, 'worker': 'a@vm', 'at': NOW}
+    result = watch(
+        monkeypatch, {'status': 'PENDING', 'result': None},
+        {'status': 'SUCCESS', 'result': 7}, store=FakeStore(history=[admitted]),
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith('PENDING')
+
+
+def test_show_of_an_unknown_id_gives_the_same_reason_as_watch(monkeypatch):
+    app = SimpleNamespace(
+        backend=FakeBackend({'status': 'PENDING', 'result': None}),
+        AsyncResult=lambda job_id: SimpleNamespace(state='PENDING'),
+    )
+    monkeypatch.setattr(cli, 'store_for', lambda app: FakeStore())
+    result = CliRunner().invoke(cli.turnout, ['show', 'job-1'],
+                                obj=SimpleNamespace(app=app))
+    assert result.exit_code == 1
+    assert 'turnout has no record of job job-1' in result.output
+
+
+class FakeControl:
+    """Answers a broadcast with the replies of the workers given."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.asked = None
+
+    def broadcast(self, command, reply, timeout, destination, limit):
+        self.asked = destination
+        return [r for r in self.replies
+                if destination is None or next(iter(r)) in destination]
+
+
+def jobs(replies, *args):
+    control = FakeControl(replies)
+    app = SimpleNamespace(control=control)
+    result = CliRunner().invoke(
+        cli.turnout, ['jobs', *args], obj=SimpleNamespace(app=app))
+    return result, control
+
+
+def test_jobs_says_on_stderr_which_workers_answered_and_that_others_may_not_have():
+    result, _ = jobs([{'a@vm': {'ok': [JOB]}}, {'b@vm': {'ok': []}}])
+    assert result.exit_code == 0
+    assert JOB['id'] in result.stdout
+    assert '2 worker(s) answered within 2 s: a@vm, b@vm' in result.stderr
+    assert 'did not answer in time is not listed' in result.stderr
+
+
+def test_jobs_names_an_expected_worker_that_did_not_answer_and_fails():
+    result, control = jobs([{'a@vm': {'ok': [JOB]}}, {'b@vm': {'ok': []}}],
+                           '--destination', 'a@vm, c@vm')
+    assert control.asked == ['a@vm', 'c@vm']
+    assert result.exit_code == 1
+    assert JOB['id'] in result.stdout, 'the answers that came are still shown'
+    assert 'No answer within 2 s from c@vm' in result.stderr
+
+
+def test_jobs_with_no_answer_at_all_does_not_claim_that_nothing_runs():
+    result, _ = jobs([], '--timeout', '0.5')
+    assert result.exit_code == 1
+    assert 'No turnout jobs are running' not in result.stdout
+    assert 'No worker answered within 0.5 s' in result.stderr
+
+
+def test_jobs_json_lists_who_answered_and_who_did_not():
+    result, _ = jobs([{'a@vm': {'ok': [JOB]}}], '--json', '-d', 'a@vm,b@vm')
+    assert result.exit_code == 1
+    table = json.loads(result.stdout)
+    assert table['answered'] == ['a@vm'] and table['unanswered'] == ['b@vm']
+    assert [job['id'] for job in table['jobs']] == [JOB['id']]
 
 
 def test_every_subcommand_has_help_text():

@@ -27,10 +27,28 @@ def test_defaults_detect_a_dead_worker_within_one_and_a_half_intervals():
     ({'turnout_max_takeovers': -1}, 'turnout_max_takeovers'),
     ({'turnout_queue_prefix': 'a:b'}, 'turnout_queue_prefix'),
     ({'turnout_queue_expires': 1}, 'turnout_queue_expires'),
+    ({'turnout_supervise_interval': 0.05}, 'use at least 0.1 s'),
+    ({'turnout_record_ttl': 60}, 'turnout_record_ttl'),
 ])
 def test_a_bad_setting_is_refused_by_name(conf, complaint):
     with pytest.raises(ImproperlyConfigured, match=complaint):
         Settings.from_app(an_app(**conf))
+
+
+def test_the_shortest_supervise_interval_is_accepted():
+    settings = Settings.from_app(an_app(turnout_supervise_interval=0.1))
+    assert settings.supervise_interval == 0.1
+
+
+def test_a_record_ttl_must_outlast_ten_detection_bounds():
+    # 2 s interval and 1 s grace: a detection bound of 3 s, a floor of 30 s.
+    conf = {'turnout_supervise_interval': 2, 'turnout_grace': 1}
+    assert Settings.from_app(an_app(turnout_record_ttl=30, **conf)).record_ttl == 30
+    with pytest.raises(ImproperlyConfigured) as refused:
+        Settings.from_app(an_app(turnout_record_ttl=29, **conf))
+    message = str(refused.value)
+    assert '10 detection bounds (interval + grace), 30 s' in message
+    assert 'stored message' in message and 'lost' in message
 
 
 def test_the_store_comes_from_a_redis_result_backend_first():
@@ -58,6 +76,7 @@ def test_a_setting_that_is_not_a_finite_number_is_refused():
 @pytest.mark.parametrize('option, value', [
     ('supervise_interval', -1), ('supervise_interval', float('nan')),
     ('max_takeovers', -1), ('max_takeovers', 1.5), ('stall_timeout', 0),
+    ('supervise_interval', 0.01),
 ])
 def test_a_bad_task_option_is_refused_when_the_task_is_declared(option, value):
     from celery_turnout import turnout_task
