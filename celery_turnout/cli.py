@@ -276,8 +276,7 @@ def watch(ctx: click.Context, job_id: str, timeout: float | None,
           as_json: bool) -> None:
     """Follow a job's progress until it ends; exit 0 only if it succeeded.
 
-    Exit status 1 when the job ended otherwise or turnout has no record of it,
-    2 when --timeout passed first.
+    Exit status 1 when the job ended otherwise, 2 when --timeout passed first.
     """
     app: Celery = ctx.obj.app
     if isinstance(app.backend, DisabledBackend):
@@ -290,10 +289,15 @@ def watch(ctx: click.Context, job_id: str, timeout: float | None,
     while True:
         meta = backend.get_task_meta(job_id, cache=False)
         state, progress = str(meta.get('status')), store.progress(job_id)
-        # The backend says PENDING for any id it does not know: without a
-        # history either, the job would be watched forever.
+        # The backend says PENDING for any id it does not know, and so for a
+        # job that still waits in a queue: say which two it can be, once.
         if first and state == PENDING and not progress and not store.history(job_id):
-            raise click.ClickException(no_record(job_id))
+            click.echo(
+                f'turnout has no record of job {job_id} yet: either it still waits '
+                'in a broker queue for a worker, or the id is wrong (or belongs to '
+                'another app). Watching until it appears; --timeout bounds the wait.',
+                err=True,
+            )
         first = False
         update = watch_update(job_id, state, progress, meta.get('result'))
         text = json.dumps(update) if as_json else watch_line(update)

@@ -123,12 +123,19 @@ def test_watch_gives_up_after_its_timeout_with_status_two(monkeypatch):
     assert result.exit_code == 2
 
 
-def test_watch_of_an_id_turnout_has_no_record_of_says_so_and_fails(monkeypatch):
+def test_watch_of_an_id_turnout_has_no_record_of_says_why_it_waits(monkeypatch):
     result = watch(monkeypatch, {'status': 'PENDING', 'result': None},
-                   store=FakeStore())
-    assert result.exit_code == 1
-    assert 'turnout has no record of job job-1' in result.output
-    assert 'PENDING' not in result.output, 'no state line for an unknown job'
+                   store=FakeStore(), args=['--timeout', '0'])
+    assert result.exit_code == 2
+    assert 'turnout has no record of job job-1 yet' in result.output
+    assert 'still waits in a broker queue' in result.output
+
+
+def test_watch_says_nothing_of_records_for_a_job_a_worker_admitted(monkeypatch):
+    admitted = {'event': 'started', 'attempt': 1, 'worker': 'a@vm', 'at': NOW}
+    result = watch(monkeypatch, {'status': 'PENDING', 'result': None},
+                   store=FakeStore(history=[admitted]), args=['--timeout', '0'])
+    assert 'no record' not in result.output
 
 
 def test_watch_follows_a_pending_job_that_a_worker_admitted(monkeypatch):
