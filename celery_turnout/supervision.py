@@ -751,10 +751,8 @@ class Supervisor:
     def _cover(self, fresh: list[HeldJob], tick: int) -> None:
         for job in fresh:
             job.covered = True
-        # TODO(lower the consumer's prefetch window by one for each job
-        # acknowledged before a pool process starts it, and raise it again when
-        # one does): acknowledging reserved jobs frees the window, so a busy
-        # worker keeps reserving more jobs than it can run.
+        # A job acknowledged here before a pool process took it frees a
+        # prefetch slot; the bootstep's PrefetchWindow withholds that slot.
         self.call_soon(lambda: _acknowledge(fresh))
         # One store round trip and a bounded number of log lines, however many
         # jobs arrived: a slow tick would look like a dead worker.
