@@ -25,11 +25,13 @@ same job) are settled by the start claims of :mod:`celery_turnout.store`.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
 import logging
 import math
+import os
 import queue
 import signal
 import socket
@@ -38,8 +40,9 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -47,6 +50,8 @@ from celery.worker import state as worker_state
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from kombu.message import Message
+from kombu.serialization import prepare_accept_content
+from kombu.utils.json import loads as json_loads
 
 from .errors import MalformedMessage
 from .events import announce, announce_now
@@ -155,6 +160,10 @@ class _Session:
         A lane is private to its owner: foreign messages ahead of the first
         supervise message are dropped, so that they cannot pass for one.
         """
+        if self.connection.transport.driver_type in ('redis', 'filesystem'):
+            return self._peek_tick_in_place(queue_name, accept)
+        # RabbitMQ returns a taken message to the lane as soon as the channel
+        # of a checker that dies holding it closes.
         lane = Queue(
             queue_name, Exchange(''), routing_key=queue_name, no_declare=True,
         ).bind(self.channel)
@@ -176,6 +185,57 @@ class _Session:
             )
             message.ack()
         return None
+
+    def _peek_tick_in_place(self, queue_name: str, accept: list[str]) -> int | None:
+        """:meth:`peek_tick` on Redis and the filesystem, reading the lane in place.
+
+        Taking the message and putting it back would leave it with a checker
+        that dies in between (on Redis until the visibility timeout, on the
+        filesystem for good): the next checker would find the lane of a dead
+        owner empty and let its jobs go.
+        """
+        allowed = prepare_accept_content(accept)
+        for raw, drop in self._oldest(queue_name):
+            try:
+                message = self.channel.Message(
+                    json_loads(raw), channel=self.channel, accept=allowed,
+                )
+            except Exception:  # not even a kombu envelope
+                message = None
+            tick = None if message is None else _supervise_tick(message)
+            if tick is not None:
+                return tick
+            logger.error(
+                'Dropping a foreign message (content type %r) from supervise lane '
+                '%s.', getattr(message, 'content_type', None), queue_name,
+            )
+            drop()
+        return None
+
+    def _oldest(self, queue_name: str) -> Iterator[tuple[bytes, Callable[[], Any]]]:
+        """The lane's oldest raw messages, oldest first, each with its removal."""
+        channel = self.channel
+        if self.connection.transport.driver_type == 'redis':
+            # kombu pushes on the left and takes from the right.
+            client = channel.client
+            key = getattr(client, 'global_keyprefix', '') + queue_name
+            for raw in reversed(client.lrange(key, -PEEK_LIMIT, -1)):
+                yield raw, functools.partial(client.lrem, key, -1, raw)
+            return
+        # kombu's filesystem transport keeps a file per message, named after
+        # the time it was put and its queue.
+        folder = Path(channel.data_folder_in)
+        names = sorted(
+            name for name in os.listdir(folder)
+            if name.partition('.')[2] == f'{queue_name}.msg'
+        )
+        for name in names[:PEEK_LIMIT]:
+            path = folder / name
+            try:
+                raw = path.read_bytes()
+            except OSError:  # taken in the meantime
+                continue
+            yield raw, functools.partial(path.unlink, missing_ok=True)
 
     def keep_expiry(self, queue_name: str) -> None:
         """Give another worker's queue the expiry its owner declared, on Redis.
