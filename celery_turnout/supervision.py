@@ -768,7 +768,7 @@ class Supervisor:
     # owner side
 
     def _tick(self, session: _Session) -> None:
-        self._prune_finished()
+        self._prune_finished(session)
         self._read_fences(session)
         jobs = self.ledger.held()
         if time.monotonic() - session.declared_at > self.settings.queue_expires / 4:
@@ -836,18 +836,61 @@ class Supervisor:
                 self.settings.detection_bound,
             )
 
-    def _prune_finished(self) -> None:
+    def _prune_finished(self, session: _Session) -> None:
+        dropped: list[HeldJob] = []
+
         def finished(job: HeldJob) -> bool:
             request = job.request
             if request is None or not job.seen:
                 return False
-            return not (
+            if (
                 request in worker_state.reserved_requests
                 or request in worker_state.active_requests
                 or request in worker_state.scheduled_requests
-            )
+            ):
+                return False
+            if job.released is None and job.started is None and request.acknowledged:
+                dropped.append(job)
+                return False
+            return True
 
         self.ledger.prune(finished)
+        for job in dropped:
+            self._redispatch_dropped(session, job)
+
+    def _redispatch_dropped(self, session: _Session, job: HeldJob) -> None:
+        """Re-dispatch a job that Celery let go of before any process ran it.
+
+        Celery forgets the jobs waiting for a pool process or for their ETA
+        when its task connection is lost, counting on the broker to deliver
+        them again; turnout acknowledged them at their first tick, so the
+        broker never will. (A revoked or expired job is let go of too: its
+        revoke is in the store, and nothing is re-dispatched.)
+        """
+        if self.store.superseded(job.id, job.attempt):
+            job.released = 'handed_off'
+            self.ledger.discard(job)
+            logger.info(
+                'Worker %s let go of job %s attempt %d before it started; the job '
+                'is cancelled, finished or superseded, so nothing is re-dispatched.',
+                self.hostname, job.id, job.attempt,
+            )
+            return
+        logger.warning(
+            'Job %s attempt %d was dropped by worker %s before a pool process '
+            'started it (a lost broker connection drops reserved and scheduled '
+            'jobs); its message was acknowledged, so the worker re-dispatches it '
+            'as attempt %d.', job.id, job.attempt, self.hostname, job.attempt + 1,
+        )
+        self._redispatch(
+            session, job.id, job.attempt, 'handed_off',
+            f'worker {self.hostname} dropped it before it started', by=self.hostname,
+        )
+        # Held until the copy is out, so that a failed publish is tried again
+        # at the next tick; a copy that still reaches a pool process is
+        # stopped there.
+        job.released = 'handed_off'
+        self.ledger.discard(job)
 
     def _read_fences(self, session: _Session) -> None:
         while True:

@@ -33,7 +33,9 @@ import celery_turnout
 pytestmark = pytest.mark.integration
 
 #: How long the job runs, and when (seconds after its start) the broker stops.
-JOB_SECONDS = 30.0
+#: The job must outlast the outage, the broker's boot and Celery's reconnection
+#: back-off (2, 4, 6, 8 s), or it ends before supervision can prove its owner.
+JOB_SECONDS = 45.0
 STOP_AFTER = 8.0
 
 #: How long the broker stays away, from its stop to the moment it answers again.
@@ -308,6 +310,22 @@ def restart_the_broker_mid_job(
     job = cluster.send("it.sleeper", JOB_SECONDS)
     first = cluster.wait_started(job.id)
     owner = cluster.owner_of(first)
+    # With both pool processes busy, one job waits for a process and one for
+    # its countdown, both acknowledged at their first tick. Celery drops such
+    # jobs with the lost connection, expecting the broker to deliver them again.
+    other = cluster.send("it.sleeper", JOB_SECONDS)
+    cluster.wait_started(other.id)
+    waiting = cluster.send("it.sleeper", 1.0)
+    scheduled = cluster.app.send_task("it.sleeper", args=(1.0,), countdown=25)
+    for held in (waiting, scheduled):
+        wait_for(
+            lambda held=held: any(
+                e["event"] == "covered"
+                for e in celery_turnout.history(cluster.app, held.id)
+            ),
+            timeout=10,
+            what=f"job {held.id} to be covered while it waits",
+        )
     wait_for(
         lambda: any(
             e["event"] == "covered" for e in celery_turnout.history(cluster.app, job.id)
@@ -364,6 +382,10 @@ def restart_the_broker_mid_job(
         f"{cluster.broker_name}: supervision proved the owner again "
         f"{first_proof - back_at:.1f} s after the broker came back"
     )
+
+    # The jobs that waited through the outage are not lost.
+    for held in (waiting, scheduled):
+        assert held.get(timeout=2 * JOB_SECONDS + 30)["seconds"] == 1.0
 
     # The job is not lost, and it was never taken over.
     outcome: dict[str, Any] = job.get(timeout=JOB_SECONDS + 30)
