@@ -18,6 +18,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from celery.worker import state as worker_state
+
 from .ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -26,10 +28,11 @@ logger = logging.getLogger(__name__)
 class PrefetchWindow:
     """Withholds prefetch slots for acknowledged jobs that wait for a pool process.
 
-    Every change goes through the consumer's QoS as a relative step, as
-    Celery's own ETA and autoscaler adjustments do, so the two compose. The
-    slots actually withheld are counted apart from those asked for, because
-    the QoS clamps its value at one.
+    The window Celery wants is its prefetch count plus one slot for each job
+    that waits for its ETA (Celery raises the QoS value for those). Each call
+    of :meth:`adjust` works the QoS value out anew from that window and the
+    waiting jobs, so no step of Celery's that the QoS clamped at one can make
+    it drift.
 
     Call :meth:`adjust` on the worker's main thread.
     """
@@ -40,10 +43,7 @@ class PrefetchWindow:
         self.ledger = ledger
         self.hostname = hostname
         self.leaving = leaving
-        self._qos: Any = None
         self._task_consumer: Any = None
-        #: Slots taken off the QoS value by this object.
-        self.withheld = 0
         #: True while this object keeps the task consumer from consuming.
         self.paused = False
 
@@ -57,40 +57,35 @@ class PrefetchWindow:
 
     def adjust(self) -> None:
         """Bring the QoS value and consumption in line with the waiting jobs."""
-        qos, task_consumer = self.consumer.qos, self.consumer.task_consumer
+        consumer = self.consumer
+        qos, task_consumer = consumer.qos, consumer.task_consumer
         if qos is None or task_consumer is None:
             return
-        if qos is not self._qos or task_consumer is not self._task_consumer:
-            # A new connection: Celery set the full window and consumes again.
-            self._qos, self._task_consumer = qos, task_consumer
-            self.withheld, self.paused = 0, False
-        if _restoring(self.consumer):
-            # After a reconnection Celery raises the window back step by step,
-            # setting the QoS value outright on every acknowledgement: a slot
-            # withheld now would be lost on the next step and given back twice.
-            self.withheld = 0
-        window = qos.value + self.withheld
-        if not window:
+        if task_consumer is not self._task_consumer:
+            # A new connection: Celery consumes again from the start.
+            self._task_consumer, self.paused = task_consumer, False
+        prefetch = consumer.initial_prefetch_count
+        if not prefetch:
             return  # a prefetch count of zero: the user asked for no limit
         waiting = self.waiting()
-        if not _restoring(self.consumer):
-            self._withhold(qos, min(waiting, window - 1))
-        full = waiting >= window
-        if full and not self.paused:
+        room = prefetch + len(worker_state.scheduled_requests) - waiting
+        target = max(room, 1)
+        if target > qos.value:
+            qos.increment_eventually(target - qos.value)
+        elif target < qos.value:
+            qos.decrement_eventually(qos.value - target)
+        if room <= 0:
             self._pause(task_consumer, waiting)
-        elif not full and self.paused and not self.leaving():
+        elif self.paused and not self.leaving():
             self._resume(task_consumer)
 
-    def _withhold(self, qos: Any, slots: int) -> None:
-        before = qos.value
-        if slots > self.withheld:
-            qos.decrement_eventually(slots - self.withheld)
-        elif slots < self.withheld:
-            qos.increment_eventually(self.withheld - slots)
-        self.withheld += before - qos.value
-
     def _pause(self, task_consumer: Any, waiting: int) -> None:
-        task_consumer.cancel()
+        # Checked every time: Celery's add_consumer control command, for one,
+        # makes the task consumer consume again.
+        if any(task_consumer.consuming_from(q) for q in task_consumer.queues):
+            task_consumer.cancel()
+        if self.paused:
+            return
         self.paused = True
         logger.info(
             'Worker %s stops taking task messages: %d acknowledged job(s) wait for '
@@ -106,9 +101,3 @@ class PrefetchWindow:
             'Worker %s takes task messages again: a pool process started one of '
             'its waiting jobs.', self.hostname,
         )
-
-
-def _restoring(consumer: Any) -> bool:
-    # Celery's consumer keeps this flag false while it restores a prefetch
-    # count it reduced after a reconnection (worker_enable_prefetch_count_reduction).
-    return getattr(consumer, '_maximum_prefetch_restored', True) is False

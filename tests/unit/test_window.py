@@ -6,8 +6,11 @@ event loop sends to the broker as its prefetch count.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
+import pytest
+from celery.worker import state as worker_state
 from kombu.common import QoS
 
 from celery_turnout.ledger import HeldJob, Ledger
@@ -18,9 +21,13 @@ class TaskConsumer:
     """Counts how often consumption is stopped and started."""
 
     def __init__(self) -> None:
+        self.queues = ["jobs"]
         self.consuming = True
         self.cancels = 0
         self.consumes = 0
+
+    def consuming_from(self, queue: str) -> bool:
+        return self.consuming and queue in self.queues
 
     def cancel(self) -> None:
         self.consuming = False
@@ -39,6 +46,7 @@ class Worker:
         self.consumer = SimpleNamespace(
             qos=QoS(lambda prefetch_count: self.sent.append(prefetch_count), prefetch),
             task_consumer=TaskConsumer(),
+            initial_prefetch_count=prefetch,
         )
         self.ledger = Ledger()
         self.is_leaving = False
@@ -122,37 +130,88 @@ def test_released_and_finished_jobs_free_their_slots() -> None:
     worker.window.adjust()
 
     assert worker.prefetch == 3
-    assert worker.window.withheld == 0
 
 
-def test_the_window_composes_with_celerys_own_steps() -> None:
-    worker = Worker(prefetch=4)
+class Scheduled:
+    """A request that waits for its ETA in Celery's timer."""
+
+
+@pytest.fixture
+def scheduled() -> Iterator[list[Scheduled]]:
+    """Requests put in Celery's set of scheduled requests, removed afterwards."""
+    requests: list[Scheduled] = []
+    yield requests
+    for request in requests:
+        worker_state.scheduled_requests.discard(request)
+
+
+def schedule(requests: list[Scheduled], qos: QoS) -> Scheduled:
+    """Do what Celery does when a job with an ETA arrives."""
+    request = Scheduled()
+    requests.append(request)
+    worker_state.scheduled_requests.add(request)
+    qos.increment_eventually()
+    return request
+
+
+def run_eta(requests: list[Scheduled], request: Scheduled, qos: QoS) -> None:
+    """Do what Celery does when the ETA comes: the job joins the reserved ones."""
+    worker_state.scheduled_requests.discard(request)
+    qos.decrement_eventually()
+
+
+def test_a_job_waiting_for_its_eta_takes_no_slot(scheduled) -> None:
+    worker = Worker(prefetch=2)
     job = worker.admit(acknowledged=True)
-    worker.window.adjust()
-    # Celery raises the window for a job with an ETA while it waits.
-    worker.consumer.qos.increment_eventually()
-    worker.window.adjust()
-    assert worker.prefetch == 4
+    eta = schedule(scheduled, worker.consumer.qos)
 
+    worker.window.adjust()
+
+    # Celery's extra slot for the ETA job and the slot the acknowledged job
+    # gave back cancel out: one job waits, one more may come.
+    assert worker.prefetch == 2
+    assert worker.consuming
+
+    run_eta(scheduled, eta, worker.consumer.qos)
     job.started = 2.0
     worker.window.adjust()
 
-    assert worker.prefetch == 5
+    assert worker.prefetch == 2
 
 
-def test_clamped_steps_are_not_given_back_twice() -> None:
-    worker = Worker(prefetch=3)
-    jobs = [worker.admit(acknowledged=True) for _ in range(5)]
+def test_celerys_steps_clamped_at_one_do_not_make_the_window_grow(scheduled) -> None:
+    worker = Worker(prefetch=1)
+    running = worker.admit(acknowledged=True, started=True)
+    waiting = worker.admit(acknowledged=True)
     worker.window.adjust()
+    assert worker.prefetch == 1 and not worker.consuming
+
+    # An ETA job arrives and comes due while the QoS sits at its floor of one:
+    # kombu clamps Celery's decrement, and only its increment counts.
+    eta = schedule(scheduled, worker.consumer.qos)
+    worker.window.adjust()
+    run_eta(scheduled, eta, worker.consumer.qos)
+    worker.window.adjust()
+    worker.ledger.discard(running)
+    waiting.started = 3.0
+    worker.window.adjust()
+
     assert worker.prefetch == 1
-    assert worker.window.withheld == 2
+    assert worker.consuming
 
-    for job in jobs:
-        job.started = 2.0
+
+def test_a_full_window_stops_consuming_again_after_add_consumer() -> None:
+    worker = Worker(prefetch=1)
+    worker.admit(acknowledged=True)
+    worker.window.adjust()
+    assert not worker.consuming
+
+    # Celery's add_consumer control command makes the consumer consume again.
+    worker.consumer.task_consumer.consume()
     worker.window.adjust()
 
-    assert worker.prefetch == 3
-    assert worker.consuming
+    assert not worker.consuming
+    assert worker.consumer.task_consumer.cancels == 2
 
 
 def test_an_unlimited_window_is_left_alone() -> None:
@@ -181,7 +240,19 @@ def test_a_new_connection_starts_from_celerys_full_window() -> None:
 
     assert worker.prefetch == 1
     assert worker.consuming
-    assert worker.window.withheld == 1
+
+
+def test_celerys_restore_after_a_reconnection_is_corrected_at_the_next_step() -> None:
+    worker = Worker(prefetch=4)
+    worker.admit(acknowledged=True)
+    worker.window.adjust()
+    assert worker.prefetch == 3
+
+    # Celery sets the value outright while it restores a reduced window.
+    worker.consumer.qos.value = 4
+    worker.window.adjust()
+
+    assert worker.prefetch == 3
 
 
 def test_a_leaving_worker_is_not_made_to_consume_again() -> None:
@@ -195,19 +266,3 @@ def test_a_leaving_worker_is_not_made_to_consume_again() -> None:
     worker.window.adjust()
 
     assert not worker.consuming
-
-
-def test_nothing_is_withheld_while_celery_restores_its_window() -> None:
-    worker = Worker(prefetch=4)
-    worker.consumer._maximum_prefetch_restored = False
-    worker.admit(acknowledged=True)
-    worker.window.adjust()
-    # Celery sets the value outright on each acknowledgement meanwhile.
-    worker.consumer.qos.value = 4
-    assert worker.window.withheld == 0
-
-    worker.consumer._maximum_prefetch_restored = True
-    worker.window.adjust()
-
-    assert worker.prefetch == 3
-    assert worker.window.withheld == 1
