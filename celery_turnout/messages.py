@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +211,10 @@ def _number(fields: Mapping[str, Any], key: str) -> float:
     value = fields.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MalformedMessage(f'field {key!r} must be a number')
+    # JSON decoders accept NaN and Infinity; a NaN due time would never come
+    # due and would hold up every check queued behind it.
+    if not math.isfinite(value):
+        raise MalformedMessage(f'field {key!r} must be a finite number')
     return float(value)
 
 

@@ -137,7 +137,10 @@ class Settings:
                 f'turnout_shutdown is {shutdown!r}; use one of {_SHUTDOWN_MODES}.'
             )
         max_takeovers = conf['turnout_max_takeovers']
-        if not isinstance(max_takeovers, int) or max_takeovers < 0:
+        if (
+            isinstance(max_takeovers, bool) or not isinstance(max_takeovers, int)
+            or max_takeovers < 0
+        ):
             raise ImproperlyConfigured(
                 f'turnout_max_takeovers is {max_takeovers!r}; use an integer >= 0.'
             )
@@ -166,7 +169,7 @@ class Settings:
             monitor_queue_expires=_positive(conf, 'turnout_monitor_queue_expires'),
             record_ttl=record_ttl,
             shutdown=shutdown,
-            monitor_prefetch=int(_positive(conf, 'turnout_monitor_prefetch')),
+            monitor_prefetch=_monitor_prefetch(conf['turnout_monitor_prefetch']),
         )
 
 
@@ -205,3 +208,13 @@ def _positive(conf: Mapping[str, Any], key: str) -> float:
     ):
         raise ImproperlyConfigured(f'{key} is {value!r}; use a positive number.')
     return float(value)
+
+
+def _monitor_prefetch(value: Any) -> int:
+    # AMQP carries a prefetch count in 16 bits, and 0 would mean no limit.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ImproperlyConfigured(
+            f'turnout_monitor_prefetch is {value!r}; use an integer from 1 to 65535 '
+            '(AMQP carries it in 16 bits).'
+        )
+    return value

@@ -40,6 +40,8 @@ def test_a_fence_notice_survives_its_body():
     ({**a_monitor().to_body(), 'tick': '3'}, "'tick'"),
     ({**a_monitor().to_body(), 'tick': True}, "'tick'"),
     ({**a_monitor().to_body(), 'due': 'soon'}, "'due'"),
+    ({**a_monitor().to_body(), 'due': float('nan')}, "'due' must be a finite"),
+    ({**a_monitor().to_body(), 'due': float('inf')}, "'due' must be a finite"),
     ({**a_monitor().to_body(), 'jobs': 'job-1'}, "'jobs'"),
     ({**a_monitor().to_body(), 'jobs': [['job-1']]}, 'not [job id, attempt]'),
     ({**a_monitor().to_body(), 'jobs': [['job-1', 0]]}, 'not [job id, attempt]'),
