@@ -18,11 +18,12 @@ from typing import Any
 
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, InvalidTaskError, Reject, Retry
 from celery.states import FAILURE, READY_STATES, SUCCESS
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
+from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
 
 from .errors import JobExhausted, MalformedMessage
@@ -64,7 +65,28 @@ def supervised(
         job = admit(supervisor, task, message, consumer.timer)
         if job is None:
             return None
-        result = handle(message, body, ack, reject, callbacks, **options)
+        try:
+            result = handle(message, body, ack, reject, callbacks, **options)
+        except (InvalidTaskError, ContentDisallowed, DecodeError) as exc:
+            # Celery rejects the message for good; without a record the job
+            # would stay PENDING and be supervised and taken over forever.
+            supervisor.ledger.discard(job)
+            logger.error(
+                'Job %s attempt %d is dropped: Celery refused its message (%s). '
+                'It is marked FAILURE and never runs.', job.id, job.attempt, exc,
+            )
+            supervisor.store.log(job.id, supervisor.event(
+                'refused', job.attempt, reason=str(exc)))
+            try:
+                app.backend.mark_as_failure(job.id, exc)
+            except Exception as store_exc:  # no result backend, or it is down
+                logger.warning(
+                    'Could not store FAILURE for job %s (%r).', job.id, store_exc,
+                )
+            raise
+        except BaseException:
+            supervisor.ledger.discard(job)
+            raise
         request = job.request
         if request is not None and (
             request in worker_state.reserved_requests
@@ -72,6 +94,15 @@ def supervised(
             or request in worker_state.active_requests
         ):
             job.seen = True
+        elif job.started is None and message.acknowledged:
+            # Celery let go of it at once (revoked or expired on arrival, or
+            # an ETA it could not read): nothing of it runs here.
+            supervisor.ledger.discard(job)
+            logger.info(
+                'Job %s attempt %d was refused by Celery on arrival (revoked, '
+                'expired or unreadable); this worker holds it no longer.',
+                job.id, job.attempt,
+            )
         return result
 
     return handle_job

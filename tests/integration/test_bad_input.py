@@ -591,6 +591,32 @@ def test_a_job_whose_arguments_do_not_serialise_fails_in_the_caller_and_leaves_n
         app.amqp.queues[queue](connection.default_channel).purge()
 
 
+def test_a_job_celery_refuses_after_admission_fails_and_is_held_no_longer(
+    cluster: Cluster,
+) -> None:
+    """A message Celery cannot make a request of ends FAILURE, not a phantom job."""
+    start(cluster, 1)
+    app = cluster.app
+    message = app.amqp.as_task_v2(
+        f"bad-eta-{uuid.uuid4().hex}", "it.sleeper", args=(0.1,)
+    )
+    message.headers["eta"] = "not-a-date"
+    with app.producer_or_acquire() as producer:
+        app.amqp.send_task_message(producer, "it.sleeper", message)
+    job_id = message.headers["id"]
+
+    wait_for(
+        lambda: "refused" in history_events(cluster, job_id),
+        10,
+        f"the worker to record that Celery refused job {job_id}",
+    )
+
+    assert app.AsyncResult(job_id).state == "FAILURE"
+    held = cluster.inspect("turnout-jobs")
+    assert all(job_id not in str(reply) for reply in held.values()), held
+    assert cluster.send("it.sleeper", 0.1).get(timeout=30)["attempt"] == 1
+
+
 # -- the app's serializer ------------------------------------------------------------
 
 #: The promised delay from an owner's death to the next attempt, with slack.
