@@ -1039,8 +1039,9 @@ class Supervisor:
         if late > self.settings.grace:
             logger.warning(
                 'Worker %s checked its own supervise tick %d %.1f s after it was '
-                'due: its supervision thread was held up (a starved CPU or a '
-                'blocked process); a peer checking that tick would have taken its '
+                'due: its supervision thread was held up (a starved CPU, a '
+                'blocked process or a lost broker connection); a peer checking that '
+                'tick would have taken its '
                 '%d job(s) over.', self.worker_id, monitor.tick, late,
                 len(monitor.jobs),
             )
