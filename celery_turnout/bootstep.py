@@ -138,6 +138,7 @@ class Supervision(bootsteps.StartStopStep):
                 supervisor.hand_off(HANDOFF_TIMEOUT)
         else:
             supervisor.release_uncovered()
+            supervisor.redispatch_unstarted()
         supervisor.run_pending_calls()
 
     def shutdown(self, c: Any) -> None:

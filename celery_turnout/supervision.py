@@ -145,6 +145,11 @@ class _Session:
         RabbitMQ closes the channel of a failed passive declare, so probes use
         a channel of their own. Redis reports an empty list as missing.
         """
+        if self.connection.transport.driver_type == 'redis':
+            # kombu's existence check ignores a global_keyprefix, so a declare
+            # would find every lane missing: read the list's length instead
+            # (kombu's client prefixes LLEN itself).
+            return int(self.channel.client.llen(queue_name))
         if self._probe is None:
             self._probe = self.connection.channel()
         try:
@@ -218,7 +223,7 @@ class _Session:
         if self.connection.transport.driver_type == 'redis':
             # kombu pushes on the left and takes from the right.
             client = channel.client
-            key = getattr(client, 'global_keyprefix', '') + queue_name
+            key = _redis_key(client, queue_name)
             for raw in reversed(client.lrange(key, -PEEK_LIMIT, -1)):
                 yield raw, functools.partial(client.lrem, key, -1, raw)
             return
@@ -254,6 +259,12 @@ class _Session:
         except Exception:  # already closed by the broker
             pass
         self._probe = None
+
+
+def _redis_key(client: Any, queue_name: str) -> str:
+    # kombu adds a global_keyprefix transport option only to the commands it
+    # knows; LRANGE and LREM issued here must add it themselves.
+    return getattr(client, 'global_keyprefix', '') + queue_name
 
 
 def _supervise_tick(message: Message) -> int | None:
@@ -438,6 +449,37 @@ class Supervisor:
                 )
                 job.released = 'requeued'
                 self.stop_copy(job)
+
+    def redispatch_unstarted(self) -> None:
+        """Re-dispatch the acknowledged jobs no pool process took. Main thread.
+
+        Called when the worker's task connection is lost, after Celery dropped
+        every job that waits for a pool process, its ETA or its rate limit,
+        counting on the broker to deliver them again. Turnout acknowledged them
+        at their first tick, so the broker never will. A copy that reaches a
+        pool process all the same is stopped there.
+        """
+        for job in self.ledger.held():
+            request = job.request
+            if job.started is not None or request is None or not request.acknowledged:
+                continue
+            logger.warning(
+                'Job %s attempt %d waited for a pool process on worker %s when the '
+                'task connection was lost, and Celery dropped it; the worker '
+                're-dispatches it as attempt %d.', job.id, job.attempt,
+                self.hostname, job.attempt + 1,
+            )
+            job.released = 'handed_off'
+            reason = f'worker {self.hostname} dropped it with its broker connection'
+            self._commands.put(
+                functools.partial(self._pass_dropped_on, job=job, reason=reason),
+            )
+
+    def _pass_dropped_on(self, session: _Session, job: HeldJob, reason: str) -> None:
+        self._redispatch(
+            session, job.id, job.attempt, 'handed_off', reason, by=self.hostname,
+        )
+        self.ledger.discard(job)
 
     def copy_cancelled(self, job: HeldJob) -> None:
         """Celery stops ``job``'s copy before its message is acknowledged. Main thread.

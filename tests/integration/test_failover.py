@@ -129,3 +129,23 @@ def test_the_queues_a_dead_worker_leaves_on_redis_expire(cluster: Cluster) -> No
     assert controls, f"no fence notice was left for the dead owner: {keys}"
     forever = {key: ttl for key, ttl in keys.items() if ttl < 0}
     assert not forever, f"queues without an expiry: {forever}"
+
+
+@pytest.mark.transports("redis")
+def test_a_dead_owner_is_taken_over_on_redis_with_a_global_key_prefix(
+    cluster: Cluster,
+) -> None:
+    # kombu prefixes some Redis commands itself and not others: a check that
+    # looked at the unprefixed key would find every lane empty.
+    cluster.set_transport_options(global_keyprefix=f"turnout-it-{cluster.token}:")
+    cluster.start(2)
+    seconds = 6.0
+    job, first, owner = a_covered_job(cluster, seconds)
+
+    owner.kill()
+    second = cluster.wait_started(
+        job.id, attempt=2, timeout=detection_bound(cluster) + 10
+    )
+
+    assert second["worker"] in {w.name for w in cluster.others(owner)}
+    assert job.get(timeout=seconds + 30)["attempt"] == 2

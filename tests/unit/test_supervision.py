@@ -495,3 +495,27 @@ def test_a_hand_off_that_times_out_leaves_an_uncovered_job_to_the_broker(
     supervisor.run_pending_calls()
     assert job.released == 'requeued'
     assert not job.request.acknowledged
+
+
+def test_a_lost_connection_re_dispatches_the_acknowledged_jobs_no_process_took(
+    supervisor, store, session,
+):
+    # Celery drops every job that waits for a pool process, its ETA or its
+    # rate limit when its connection goes, counting on the broker.
+    running = hold(supervisor, store, 'running')
+    running.request.acknowledged, running.started = True, 1.0
+    waiting = hold(supervisor, store, 'waiting')
+    waiting.request.acknowledged = True
+    uncovered = hold(supervisor, store, 'uncovered')
+
+    supervisor.redispatch_unstarted()
+    while not supervisor._commands.empty():
+        supervisor._commands.get()(session)
+
+    assert [op for op in session.ops if op[0] == 're-dispatch'] == [
+        ('re-dispatch', 'waiting', 2),
+    ]
+    assert waiting.released == 'handed_off'
+    assert supervisor.ledger.get('waiting') is None
+    # The running job goes on; the uncovered one is the broker's to deliver.
+    assert running.released is None and uncovered.released is None
