@@ -94,9 +94,12 @@ def supervised(
             or request in worker_state.active_requests
         ):
             job.seen = True
-        elif job.started is None and message.acknowledged:
+        elif job.started is None and (
+            message.acknowledged or consumer.task_buckets.get(task.name) is None
+        ):
             # Celery let go of it at once (revoked or expired on arrival, or
-            # an ETA it could not read): nothing of it runs here.
+            # an ETA it could not read, rejected a moment later); only a job
+            # of a rate-limited task may wait in its token bucket.
             supervisor.ledger.discard(job)
             logger.info(
                 'Job %s attempt %d was refused by Celery on arrival (revoked, '
