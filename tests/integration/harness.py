@@ -213,6 +213,15 @@ class Cluster:
         Returns:
             The new workers, in the order they were started.
         """
+        if self.broker_name == "filesystem":
+            # kombu's filesystem transport rewrites its exchange table in place:
+            # a worker that reads it while another starts up can die on a
+            # half-written file. One at a time, then.
+            started = []
+            for _ in range(count):
+                started.append(self._spawn(concurrency))
+                self._wait_ready(started[-1])
+            return started
         started = [self._spawn(concurrency) for _ in range(count)]
         for worker in started:
             self._wait_ready(worker)

@@ -80,7 +80,13 @@ def test_progress_shows_in_inspect_the_result_backend_and_the_cli(
         what=f"inspect turnout-jobs to show the progress of {job.id}",
     )
     assert listed["total"] == 8 and listed["attempt"] == 1
-    table = json.loads(celery_cli(cluster.env, "turnout", "jobs", "--json"))
+    (worker,) = cluster.workers
+    table = json.loads(
+        celery_cli(
+            cluster.env, "turnout", "jobs", "--json",
+            "--destination", worker.name, "--timeout", "10",
+        )  # fmt: skip
+    )
     (entry,) = [j for j in table["jobs"] if j["id"] == job.id]
     assert entry["task"] == "it.counter" and entry["attempt"] == 1
 
