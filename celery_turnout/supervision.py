@@ -451,35 +451,20 @@ class Supervisor:
                 self.stop_copy(job)
 
     def redispatch_unstarted(self) -> None:
-        """Re-dispatch the acknowledged jobs no pool process took. Main thread.
+        """Have the next tick re-dispatch the acknowledged jobs no process took.
 
-        Called when the worker's task connection is lost, after Celery dropped
-        every job that waits for a pool process, its ETA or its rate limit,
-        counting on the broker to deliver them again. Turnout acknowledged them
-        at their first tick, so the broker never will. A copy that reaches a
-        pool process all the same is stopped there.
+        Main thread. Called when the worker's task connection is lost, after
+        Celery dropped every job that waits for a pool process, its ETA or its
+        rate limit, counting on the broker to deliver them again. Turnout
+        acknowledged them at their first tick, so the broker never will. The
+        next tick, once the broker is back, finds them in none of Celery's
+        request lists and re-dispatches them (see :meth:`_prune_finished`);
+        they stay supervised until then.
         """
         for job in self.ledger.held():
             request = job.request
-            if job.started is not None or request is None or not request.acknowledged:
-                continue
-            logger.warning(
-                'Job %s attempt %d waited for a pool process on worker %s when the '
-                'task connection was lost, and Celery dropped it; the worker '
-                're-dispatches it as attempt %d.', job.id, job.attempt,
-                self.hostname, job.attempt + 1,
-            )
-            job.released = 'handed_off'
-            reason = f'worker {self.hostname} dropped it with its broker connection'
-            self._commands.put(
-                functools.partial(self._pass_dropped_on, job=job, reason=reason),
-            )
-
-    def _pass_dropped_on(self, session: _Session, job: HeldJob, reason: str) -> None:
-        self._redispatch(
-            session, job.id, job.attempt, 'handed_off', reason, by=self.hostname,
-        )
-        self.ledger.discard(job)
+            if job.started is None and request is not None and request.acknowledged:
+                job.seen = True
 
     def copy_cancelled(self, job: HeldJob) -> None:
         """Celery stops ``job``'s copy before its message is acknowledged. Main thread.
@@ -909,6 +894,10 @@ class Supervisor:
         broker never will. (A revoked or expired job is let go of too: its
         revoke is in the store, and nothing is re-dispatched.)
         """
+        # TODO(look the id up in Celery's revoked set first): a tick that runs
+        # between Celery's task_ready and its task_revoked signal for a revoked
+        # waiting job logs a re-dispatch that the store or the next worker then
+        # refuses; nothing runs twice, but the history shows a takeover.
         if self.store.superseded(job.id, job.attempt):
             job.released = 'handed_off'
             self.ledger.discard(job)

@@ -509,8 +509,7 @@ def test_a_lost_connection_re_dispatches_the_acknowledged_jobs_no_process_took(
     uncovered = hold(supervisor, store, 'uncovered')
 
     supervisor.redispatch_unstarted()
-    while not supervisor._commands.empty():
-        supervisor._commands.get()(session)
+    supervisor._prune_finished(session)
 
     assert [op for op in session.ops if op[0] == 're-dispatch'] == [
         ('re-dispatch', 'waiting', 2),
