@@ -898,24 +898,12 @@ class Supervisor:
         # between Celery's task_ready and its task_revoked signal for a revoked
         # waiting job logs a re-dispatch that the store or the next worker then
         # refuses; nothing runs twice, but the history shows a takeover.
-        if self.store.superseded(job.id, job.attempt):
-            job.released = 'handed_off'
-            self.ledger.discard(job)
-            logger.info(
-                'Worker %s let go of job %s attempt %d before it started; the job '
-                'is cancelled, finished or superseded, so nothing is re-dispatched.',
-                self.hostname, job.id, job.attempt,
-            )
-            return
-        logger.warning(
-            'Job %s attempt %d was dropped by worker %s before a pool process '
-            'started it (a lost broker connection drops reserved and scheduled '
-            'jobs); its message was acknowledged, so the worker re-dispatches it '
-            'as attempt %d.', job.id, job.attempt, self.hostname, job.attempt + 1,
-        )
+        # _redispatch skips, and says so, a job that is already finished,
+        # cancelled or superseded.
         self._redispatch(
             session, job.id, job.attempt, 'handed_off',
-            f'worker {self.hostname} dropped it before it started', by=self.hostname,
+            f'worker {self.hostname} dropped it before a pool process started it '
+            '(a lost broker connection drops the jobs that wait)', by=self.hostname,
         )
         # Held until the copy is out, so that a failed publish is tried again
         # at the next tick; a copy that still reaches a pool process is
