@@ -876,6 +876,10 @@ class Supervisor:
                 or request in worker_state.scheduled_requests
             ):
                 return False
+            if job.id in worker_state.revoked:
+                # Revoked or expired while it waited (Celery files an expired
+                # job as revoked too): the revoke is durable in the store.
+                return True
             if job.released is None and job.started is None and request.acknowledged:
                 dropped.append(job)
                 return False
@@ -891,13 +895,9 @@ class Supervisor:
         Celery forgets the jobs waiting for a pool process or for their ETA
         when its task connection is lost, counting on the broker to deliver
         them again; turnout acknowledged them at their first tick, so the
-        broker never will. (A revoked or expired job is let go of too: its
-        revoke is in the store, and nothing is re-dispatched.)
+        broker never will. A job revoked or expired while it waited is let go
+        of too, but it is in Celery's revoked set and never comes here.
         """
-        # TODO(look the id up in Celery's revoked set first): a tick that runs
-        # between Celery's task_ready and its task_revoked signal for a revoked
-        # waiting job logs a re-dispatch that the store or the next worker then
-        # refuses; nothing runs twice, but the history shows a takeover.
         # _redispatch skips, and says so, a job that is already finished,
         # cancelled or superseded.
         self._redispatch(

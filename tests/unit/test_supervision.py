@@ -518,3 +518,18 @@ def test_a_lost_connection_re_dispatches_the_acknowledged_jobs_no_process_took(
     assert supervisor.ledger.get('waiting') is None
     # The running job goes on; the uncovered one is the broker's to deliver.
     assert running.released is None and uncovered.released is None
+
+
+def test_a_job_revoked_while_it_waited_is_let_go_without_a_re_dispatch(
+    supervisor, store, session,
+):
+    waiting = hold(supervisor, store, 'revoked-waiting')
+    waiting.request.acknowledged, waiting.seen = True, True
+    worker_state.revoked.add('revoked-waiting')
+    try:
+        supervisor._prune_finished(session)
+    finally:
+        worker_state.revoked.discard('revoked-waiting')
+
+    assert not [op for op in session.ops if op[0] == 're-dispatch']
+    assert supervisor.ledger.get('revoked-waiting') is None
