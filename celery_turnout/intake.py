@@ -140,8 +140,6 @@ def admit(
         retries if isinstance(retries, int) else 0
     )
 
-    # TODO(log the 'started' event after the outcome check below): a copy that
-    # _unless_outcome_stored then drops still shows as started in the history.
     try:
         admission = supervisor.store.admit(
             job_id, attempt, copy, StoredMessage.from_message(message).dumps(),
@@ -226,7 +224,15 @@ def _unless_outcome_stored(
         return Verdict.START
     if meta.get('status') not in READY_STATES:
         return Verdict.START
-    supervisor.store.finish(job_id, attempt, f'{supervisor.hostname}:stored')
+    # The claim already logged this attempt as started; the history says why
+    # it ends at once.
+    supervisor.store.finish(
+        job_id, attempt, f'{supervisor.hostname}:stored',
+        supervisor.event(
+            'finished', attempt, state=meta['status'],
+            reason='an earlier attempt had stored its outcome; this one did not run',
+        ),
+    )
     return Verdict.FINISHED
 
 

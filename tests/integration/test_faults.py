@@ -18,6 +18,8 @@ import pytest
 from harness import Cluster, Worker, wait_for
 from test_failover import wait_until_covered
 
+import celery_turnout
+
 pytestmark = [pytest.mark.integration, pytest.mark.transports("redis", "rabbitmq")]
 
 #: Seconds for a job whose owner died to finish elsewhere: a takeover, or on
@@ -111,6 +113,10 @@ def test_an_owner_dying_between_storing_the_outcome_and_claiming_completion_keep
         "the re-dispatched copy to be dropped",
     )
     assert starts_by_attempt(cluster, job.id) == Counter({1: 1})
+    history = celery_turnout.history(cluster.app, job.id)
+    second = [e for e in history if e["attempt"] == 2]
+    assert [e["event"] for e in second][-2:] == ["started", "finished"], second
+    assert "did not run" in second[-1]["reason"]
 
 
 @pytest.mark.parametrize("point", ["check.after_fence", "check.after_redispatch"])
