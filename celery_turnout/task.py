@@ -252,13 +252,23 @@ class TurnoutTask(Task):
             return super().__call__(*args, **kwargs)
         job_id, worker = self.request.id, self.request.hostname
         store = store_for(self.app)
-        # A first attempt released before it started is stopped by the main
-        # process when a pool process accepts it; later attempts, which race
-        # with takeovers, check here too before they run.
-        if attempt > 1 and store.superseded(job_id, attempt):
+        # The main process stops a copy released before it started when a pool
+        # process accepts it, but only after the task has begun; this check
+        # keeps the user's code from running at all in the meantime.
+        try:
+            superseded = store.superseded(job_id, attempt)
+        except Exception as exc:
             logger.warning(
-                'Not running job %s attempt %d on %s: it was taken over or '
-                'cancelled before a pool process got to it.', job_id, attempt, worker,
+                'Could not read whether job %s attempt %d was taken over (%r); '
+                'running it on %s, where the worker stops it if it was.',
+                job_id, attempt, exc, worker,
+            )
+            superseded = False
+        if superseded:
+            logger.warning(
+                'Not running job %s attempt %d on %s: it was taken over, finished '
+                'or cancelled before a pool process got to it.',
+                job_id, attempt, worker,
             )
             raise Ignore()
 

@@ -40,6 +40,15 @@ def resumable(self, steps):
     return start
 
 
+@APP.task(base=TurnoutTask, bind=True, name='unit.overtaken')
+def overtaken(self):
+    """Get taken over by attempt 2 while running, then try to checkpoint."""
+    SEEN.append((self.attempt, self.resume_state))
+    claim(APP, 2)
+    self.checkpoint({'next': 1})
+    return 'done'
+
+
 @pytest.fixture
 def app():
     SEEN.clear()
@@ -50,13 +59,13 @@ def app():
     supervision._supervisors.pop(APP, None)
 
 
-def run_as(app, attempt, steps=3):
+def run_as(app, attempt, steps=3, name='unit.resumable'):
     """Run the job in this process as a pool process would run ``attempt``."""
-    task = app.tasks['unit.resumable']
+    task = app.tasks[name]
     task.push_request(id='job-1', turnout_attempt=attempt, hostname='w1@host',
                       called_directly=False, ignore_result=False)
     try:
-        return task(steps)
+        return task(steps) if name == 'unit.resumable' else task()
     finally:
         task.pop_request()
 
@@ -118,12 +127,25 @@ def test_the_next_attempt_resumes_from_the_last_checkpoint(app):
     assert celery_turnout.progress_of(app, 'job-1')['done'] == 5
 
 
-def test_a_superseded_copy_cannot_checkpoint_and_its_outcome_is_dropped(app):
+def test_a_copy_superseded_while_it_runs_cannot_checkpoint_and_its_outcome_is_dropped(
+    app,
+):
     claim(app, 1)
-    claim(app, 2)
     with pytest.raises(Ignore):
-        run_as(app, 1)
+        run_as(app, 1, name='unit.overtaken')
+    assert SEEN == [(1, None)]
     assert celery_turnout.checkpoint_of(app, 'job-1') is None
+
+
+@pytest.mark.parametrize('attempt', [1, 2])
+def test_a_copy_superseded_before_a_pool_process_took_it_runs_no_user_code(
+    app, attempt,
+):
+    for claimed in range(1, attempt + 2):
+        claim(app, claimed)
+    with pytest.raises(Ignore):
+        run_as(app, attempt)
+    assert SEEN == []
 
 
 def test_a_checkpoint_must_be_small_json(app):
