@@ -138,6 +138,15 @@ def _register_jobs(app: Celery, records: Path) -> None:
         record(self, "finish")
         return outcome(self, seconds)
 
+    @turnout_task(app, name="it.retrier", bind=True)
+    def retrier(self: Task, times: int, countdown: float) -> dict[str, Any]:
+        """Ask Celery to retry ``times`` times, ``countdown`` seconds apart."""
+        record(self, "start", retries=self.request.retries)
+        if self.request.retries < times:
+            raise self.retry(countdown=countdown, max_retries=times)
+        record(self, "finish")
+        return outcome(self, 0.0)
+
     @app.task(name="it.plain_sleeper", bind=True, acks_late=True)
     def plain_sleeper(self: Task, seconds: float) -> dict[str, Any]:
         """Sleep like ``it.sleeper``, as a plain late-acking Celery task."""

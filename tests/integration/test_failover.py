@@ -78,6 +78,32 @@ def test_a_job_whose_owner_is_killed_finishes_on_another_worker_as_attempt_two(
     assert [r["attempt"] for r in cluster.records.events(job.id, "start")] == [1, 2]
 
 
+def test_a_retry_waiting_for_its_countdown_survives_the_death_of_its_worker(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    countdown = 8 * cluster.interval
+    job = cluster.send("it.retrier", 1, countdown)
+
+    def holder_of_the_retry() -> str | None:
+        for event in celery_turnout.history(cluster.app, job.id):
+            if event["event"] == "covered" and event["attempt"] == 2:
+                return str(event["worker"])
+        return None
+
+    holder = wait_for(holder_of_the_retry, 3 * cluster.interval + 5, "the retry held")
+    (owner,) = [w for w in cluster.workers if w.name == holder]
+    owner.kill()
+
+    outcome: dict[str, Any] = job.get(timeout=countdown + 30)
+    assert outcome["worker"] != holder
+    # The retry's copy never ran; the job's third attempt did, whether a
+    # takeover sent it or the broker returned the retry's message (a kill just
+    # after the cover and before the acknowledgement).
+    starts = cluster.records.events(job.id, "start")
+    assert [(r["attempt"], r["retries"]) for r in starts] == [(1, 0), (3, 1)]
+
+
 def test_a_paused_owner_is_fenced_and_the_result_comes_from_the_next_attempt(
     cluster: Cluster, figure: Callable[[str], None]
 ) -> None:

@@ -147,3 +147,19 @@ def test_a_busy_worker_reserves_no_more_jobs_than_its_prefetch_window(
     assert {ran_on[job_id] for job_id in taken} == {busy.name}, ran_on
     left = [job.id for job in jobs if job.id not in taken]
     assert idle.name in {ran_on[job_id] for job_id in left}, ran_on
+
+
+def test_a_job_that_celery_retries_runs_each_retry_once_as_its_next_attempt(
+    cluster: Cluster,
+) -> None:
+    cluster.start(2)
+    job = cluster.send("it.retrier", 2, cluster.interval)
+
+    outcome = job.get(timeout=30)
+
+    assert outcome["attempt"] == 3
+    starts = cluster.records.events(job.id, "start")
+    assert [(r["attempt"], r["retries"]) for r in starts] == [(1, 0), (2, 1), (3, 2)]
+    events = [e["event"] for e in celery_turnout.history(cluster.app, job.id)]
+    assert "taken_over" not in events and "fenced" not in events, events
+    assert cluster.app.AsyncResult(job.id).state == "SUCCESS"
