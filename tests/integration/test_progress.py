@@ -143,12 +143,15 @@ def test_after_the_last_attempt_is_lost_the_state_is_failure_not_progress(
     cluster: Cluster,
 ) -> None:
     cluster.start(2)
-    job = cluster.send("it.fragile_counter", 20, 0.3)
+    # Long enough (20 s) to be running still when its owner is killed, even
+    # when a loaded machine slows the start and the cover.
+    job = cluster.send("it.fragile_counter", 40, 0.5)
     first = cluster.wait_started(job.id)
     wait_until_covered(cluster, job.id)
     wait_for(lambda: job.state == "PROGRESS", 10, f"job {job.id} to show PROGRESS")
 
     cluster.owner_of(first).kill()
+    assert not cluster.records.events(job.id, "finish"), "too slow a start"
     wait_for(
         lambda: job.state == "FAILURE",
         timeout=TAKEOVER_TIMEOUT,
