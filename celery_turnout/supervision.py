@@ -84,6 +84,9 @@ CLAIM_LIMIT = 100
 COVER_LOG_LIMIT = 5
 #: Most foreign messages a check drops from a lane before it gives up on it.
 PEEK_LIMIT = 10
+#: Seconds a peer's clock may run ahead of this worker's before its monitor
+#: messages count as malformed.
+CLOCK_SKEW_LIMIT = 10.0
 
 
 @dataclass(order=True)
@@ -959,6 +962,23 @@ class Supervisor:
             logger.error(
                 'Dropping a malformed message from monitor queue %s: %s.',
                 self.names.monitor, exc,
+            )
+            message.ack()
+            return
+        # A check is due one interval and a grace after its tick. One held
+        # until a far later due time would keep a prefetch slot from the checks
+        # that matter, and enough of them would stop detection on this worker.
+        ahead = monitor.due - time.time()
+        settings = self.settings
+        if ahead > settings.supervise_interval + settings.detection_bound + (
+            CLOCK_SKEW_LIMIT
+        ):
+            logger.error(
+                'Dropping the monitor message of tick %d of worker %s: it is due '
+                'in %.0f s, too far ahead for a supervise interval of %.3g s. That '
+                'worker\'s clock runs ahead of this one\'s, its interval is longer, '
+                'or the message is forged; this check of its jobs is not made.',
+                monitor.tick, monitor.owner, ahead, settings.supervise_interval,
             )
             message.ack()
             return

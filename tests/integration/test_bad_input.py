@@ -42,6 +42,7 @@ from kombu import Exchange, Queue
 from kombu.exceptions import EncodeError
 
 import celery_turnout
+from celery_turnout.settings import Settings
 from celery_turnout.store import store_for
 
 pytestmark = pytest.mark.integration
@@ -458,6 +459,33 @@ def test_garbage_on_the_control_queue_and_the_monitor_is_logged_and_dropped(
     assert count_in_logs(cluster, FAILED) == 0, "a supervision thread failed"
     assert celery_turnout.history(cluster.app, stranger.id) == []
     assert celery_turnout.history(cluster.app, lost_job) == []
+    forget_ghost(cluster, lane, ghost_control)
+
+
+@pytest.mark.transports("rabbitmq")
+def test_checks_due_far_ahead_hold_up_no_takeover(cluster: Cluster) -> None:
+    """Checks due a day ahead cannot fill the slots the real checks need."""
+    start(cluster, 2)
+    job = cluster.send("it.sleeper", 8.0)
+    first = cluster.wait_started(job.id)
+    holder = cluster.owner_of(first)
+    wait_until_covered(cluster, job.id)
+    owner_id, lane, ghost_control = ghost_lane(cluster)
+    far = monitor_body(owner_id, lane, ghost_control, [["no-such-job", 1]])
+    prefetch = Settings.from_app(cluster.app).monitor_prefetch
+    for tick in range(2 * prefetch + 50):
+        far.update(tick=tick, due=time.time() + 86_400)
+        publish(cluster, f"{prefix(cluster)}.monitor", jdump(far))
+    wait_for(
+        lambda: count_in_logs(cluster, "too far ahead") >= 2 * prefetch + 50,
+        30,
+        "every far-ahead check to be dropped",
+    )
+
+    holder.kill()
+
+    second = cluster.wait_started(job.id, attempt=2, timeout=DETECTION + 10)
+    assert second["worker"] != holder.name
     forget_ghost(cluster, lane, ghost_control)
 
 

@@ -533,3 +533,15 @@ def test_a_job_revoked_while_it_waited_is_let_go_without_a_re_dispatch(
 
     assert not [op for op in session.ops if op[0] == 're-dispatch']
     assert supervisor.ledger.get('revoked-waiting') is None
+
+
+def test_a_monitor_message_due_far_ahead_is_dropped_and_holds_no_slot(supervisor):
+    # Settings: interval 5 s, grace 2.5 s, detection bound 7.5 s.
+    soon = FakeMessage(a_monitor_for(supervisor, due=time.time() + 7).to_body())
+    later = FakeMessage(a_monitor_for(supervisor, due=time.time() + 86_400).to_body())
+
+    supervisor._on_monitor(soon.body, soon)
+    supervisor._on_monitor(later.body, later)
+
+    assert [p.message for p in supervisor._pending] == [soon]
+    assert later.acked and not soon.acked
