@@ -63,7 +63,8 @@ the rule above, and counted apart.
 
 *Fence lag.* For a fenced overlap, how long A ran on after the later of the
 second start and the moment W could act again (its resume for a pause, the
-signal for a kill or term, the fence event otherwise). Above one interval plus
+signal for a kill or term, the fence event otherwise), less the time W was
+paused again in between. Above one interval plus
 :data:`FENCE_SLACK` seconds the fence was slow: the README promises that a
 paused owner stops its copy at most one interval after it resumes. When A is
 unwatched and no record ends it, its end is unknown, and so is the lag: the
@@ -91,8 +92,9 @@ had reserved at once.
 
 *Missed takeover.* A pause longer than the detection bound plus one second of
 a worker that held a copy started at least one interval before the pause and
-running until at least the detection bound plus one second into it, with no
-takeover of that worker by two intervals after the resume.
+running until at least the detection bound plus one second into it, and not
+taken over already before the pause, with no takeover of that worker by two
+intervals after the resume.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,6 +342,15 @@ def compute(
                 return d
         return None
 
+    def paused(worker: str, start: float, end: float) -> float:
+        """Seconds within [start, end] in which ``worker`` was stopped."""
+        total = 0.0
+        for d in by_worker.get(worker, []):
+            if d["kind"] == "stop":
+                until = d["until"] if d["until"] is not None else end
+                total += max(0.0, min(end, until) - max(start, d["at"]))
+        return total
+
     jobs = [j["id"] for j in data["jobs"]]
     running = sorted(
         j for j in data["running_at_end"] if states.get(j) != "SUCCESS"
@@ -392,7 +403,7 @@ def compute(
                 if newer.start >= older.until(horizon):
                     continue
                 overlaps.append(
-                    _judge(older, newer, horizon, interval, explain, fences)
+                    _judge(older, newer, horizon, interval, explain, fences, paused)
                 )
 
     # Takeovers and hand-offs.
@@ -531,8 +542,13 @@ def _most_at_once(copies: Sequence[Copy], horizon: float) -> int:
 def _judge(
     first: Copy, second: Copy, horizon: float, interval: float, explain: Any,
     fences: dict[tuple[int, str], float],
+    paused: Callable[[str, float, float], float] = lambda *_: 0.0,
 ) -> Overlap:
-    """Judge the overlap of two copies of a job, ``first`` started first."""
+    """Judge the overlap of two copies of a job, ``first`` started first.
+
+    The fence lag leaves out the time the older copy's worker was paused
+    again after it could act: a stopped worker cannot stop a copy.
+    """
     if first.attempt == second.attempt:
         return Overlap(first, second, False, "two copies of one attempt", None)
     older, newer = sorted((first, second), key=lambda c: c.attempt)
@@ -550,7 +566,9 @@ def _judge(
         free, why = fence, "fence notice obeyed"
     if not older.end_known:
         return Overlap(older, newer, True, why, None)
-    lag = older.until(horizon) - max(second.start, float(free or horizon))
+    could_act = max(second.start, float(free or horizon))
+    end = older.until(horizon)
+    lag = end - could_act - paused(older.worker, could_act, end)
     return Overlap(older, newer, True, why, lag)
 
 
@@ -602,9 +620,13 @@ def _pauses(
             continue
         if d["until"] - d["at"] < bound:
             continue
+        # A copy whose job was already taken over by a later attempt has
+        # nothing left to take over.
         held = [c for c in copies if c.worker == d["worker"]
                 and c.start <= d["at"] - interval
-                and (c.end is None or c.end >= d["at"] + bound)]
+                and (c.end is None or c.end >= d["at"] + bound)
+                and not any(t.job == c.job and t.attempt > c.attempt
+                            and t.at <= d["at"] for t in takeovers)]
         if held:
             missed.append(
                 f"pause of {d['worker']} ({d['target']}) {d['at']:.2f} - "

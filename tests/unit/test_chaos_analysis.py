@@ -194,6 +194,39 @@ def test_a_fenced_copy_whose_process_was_never_watched_has_no_made_up_lag():
     assert report.ok
 
 
+# w1 is paused at 1198 until 1204.5, taken over (attempt 2 on w2 at 1202),
+# runs 0.5 s and is paused again from 1205 to 1211, then kills its copy at 1211.3.
+PAUSED_TWICE = [
+    {'worker': 'w1', 'kind': 'stop', 'at': 1198.0, 'until': 1204.5,
+     'target': 'group', 'planned': 6.5},
+    {'worker': 'w1', 'kind': 'stop', 'at': 1205.0, 'until': 1211.0,
+     'target': 'main', 'planned': 6.0},
+]
+
+
+def test_a_second_pause_after_the_resume_does_not_count_as_fence_lag():
+    processes = [a_life(101, 11, 5, 1100.1, gone_at=1211.3), W2_POOL]
+    report = compute(
+        a_run(processes=processes, disruptions=PAUSED_TWICE, states=DONE),
+        TWO_ATTEMPTS, '',
+    )
+    (overlap,) = report.overlaps
+    # 0.5 s from the resume to the second pause, 0.3 s after it.
+    assert overlap.fenced and abs(overlap.lag - 0.8) < 1e-9
+
+
+def test_a_pause_of_a_worker_whose_copies_were_already_taken_over_misses_nothing():
+    processes = [a_life(101, 11, 5, 1100.1, gone_at=1211.3), W2_POOL]
+    taken = {JOB: [event('taken_over', 2, 'w1', 1201.5)]}
+    report = compute(
+        a_run(processes=processes, disruptions=PAUSED_TWICE, states=DONE,
+              history=taken),
+        TWO_ATTEMPTS, '',
+    )
+    assert report.pauses['long_taken'] == 1
+    assert report.missed == []
+
+
 def test_a_copy_is_matched_to_its_process_by_start_time_even_when_seen_late():
     # The watch first saw the process 5 s after its record (a starved watch),
     # and the same pid was used before by another process.
