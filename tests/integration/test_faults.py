@@ -115,7 +115,9 @@ def test_an_owner_dying_between_storing_the_outcome_and_claiming_completion_keep
     assert starts_by_attempt(cluster, job.id) == Counter({1: 1})
     history = celery_turnout.history(cluster.app, job.id)
     second = [e for e in history if e["attempt"] == 2]
-    assert [e["event"] for e in second][-2:] == ["started", "finished"], second
+    # A takeover's event may follow the start it caused in the history.
+    assert "started" in [e["event"] for e in second], second
+    assert second[-1]["event"] == "finished", second
     assert "did not run" in second[-1]["reason"]
 
 
@@ -123,6 +125,9 @@ def test_an_owner_dying_between_storing_the_outcome_and_claiming_completion_keep
 def test_a_checker_dying_in_the_middle_of_a_takeover_loses_and_doubles_nothing(
     cluster: Cluster, point: str
 ) -> None:
+    # The checker may receive the copy it re-dispatched before it dies; on
+    # Redis that copy comes back after the visibility timeout.
+    short_redelivery(cluster)
     seconds = 10.0
     (owner,) = cluster.start(1)
     job = cluster.send("it.sleeper", seconds)
@@ -136,7 +141,8 @@ def test_a_checker_dying_in_the_middle_of_a_takeover_loses_and_doubles_nothing(
     cluster.start(1)
 
     outcome = assert_ran_once_per_attempt(cluster, job, seconds)
-    assert outcome["attempt"] == 2
+    # Attempt 3 when the dead checker had admitted attempt 2 itself.
+    assert outcome["attempt"] in (2, 3)
 
 
 @pytest.mark.parametrize("point", ["handoff.after_stop", "handoff.after_redispatch"])
