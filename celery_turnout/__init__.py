@@ -26,8 +26,8 @@ def history(app: Celery, job_id: str) -> list[dict[str, Any]]:
     Each event is a dict with ``event`` (``'started'``, ``'covered'``,
     ``'taken_over'``, ``'handed_off'``, ``'child_lost'``, ``'fenced'``,
     ``'finished'``, ``'failed'``, ``'stalled'``, ``'restarted'``,
-    ``'cancelled'`` or ``'revoked'``), ``attempt``, ``worker`` and ``at`` (epoch
-    seconds), plus details such as ``reason`` or ``by``.
+    ``'cancelled'``, ``'revoked'`` or ``'refused'``), ``attempt``, ``worker``
+    and ``at`` (epoch seconds), plus details such as ``reason`` or ``by``.
     """
     return store_for(app).history(job_id)
 

@@ -98,8 +98,8 @@ class Supervision(bootsteps.StartStopStep):
                 'the worker with -P prefork (the default) or -P threads.'
             )
         settings = effective_settings(c.app)
-        store = store_for(c.app)
         try:
+            store = store_for(c.app)
             store.ping()
         except Exception as exc:
             raise ImproperlyConfigured(

@@ -61,7 +61,11 @@ def supervised(
 
         # A body Celery cannot decode must fail here, as it would without
         # turnout, before the job is claimed and held.
-        message.payload  # noqa: B018  (decodes and caches the body)
+        payload = message.payload
+        problem = _body_problem(payload)
+        if problem is not None:
+            _refuse_body(supervisor, app, task, message, problem)
+            return None
         job = admit(supervisor, task, message, consumer.timer)
         if job is None:
             return None
@@ -109,6 +113,51 @@ def supervised(
         return result
 
     return handle_job
+
+
+def _body_problem(payload: Any) -> str | None:
+    """What is wrong with a task message body of Celery's protocol 2, or None.
+
+    Celery unpacks the body while it builds the request, and a body of the
+    wrong shape raises there and stops the whole worker.
+    """
+    if isinstance(payload, dict) and 'args' in payload:
+        return None  # protocol 1, refused by admit() for want of an id header
+    if not isinstance(payload, (list, tuple)) or len(payload) != 3:
+        return 'its body is not the [args, kwargs, embed] list of a task message'
+    args, kwargs, embed = payload
+    if not isinstance(args, (list, tuple)):
+        return f'its args are a {type(args).__name__}, not a list'
+    if not isinstance(kwargs, dict):
+        return f'its kwargs are a {type(kwargs).__name__}, not a mapping'
+    if embed is not None and not isinstance(embed, dict):
+        return f'its embedded options are a {type(embed).__name__}, not a mapping'
+    return None
+
+
+def _refuse_body(
+    supervisor: Supervisor, app: Celery, task: Any, message: Message, problem: str,
+) -> None:
+    headers = message.headers or {}
+    job_id = headers.get('id')
+    logger.error(
+        'Dropping a message of job %s (%s): %s. The job is marked FAILURE and '
+        'never runs; the worker goes on.', job_id, task.name, problem,
+    )
+    if isinstance(job_id, str) and job_id:
+        try:
+            attempt = attempt_of(headers)
+        except MalformedMessage:
+            attempt = 1
+        supervisor.store.log(job_id, supervisor.event('refused', attempt,
+                                                      reason=problem))
+        try:
+            app.backend.mark_as_failure(
+                job_id, InvalidTaskError(f'job {job_id} ({task.name}): {problem}'),
+            )
+        except Exception as exc:  # no result backend, or it is down
+            logger.warning('Could not store FAILURE for job %s (%r).', job_id, exc)
+    message.ack()
 
 
 def admit(
@@ -172,14 +221,7 @@ def admit(
         )
         older = supervisor.ledger.get(job_id)
         if older is not None and older.released is None:
-            # This worker was presumed dead and now gets the job's next attempt:
-            # its own older copy is fenced as on any other worker.
-            logger.warning(
-                'Job %s attempt %d arrives at worker %s, which still holds attempt '
-                '%d of it; stopping the older copy.', job_id, admission.attempt,
-                supervisor.hostname, older.attempt,
-            )
-            supervisor.release(older, 'fenced', by=supervisor.hostname)
+            _make_way(supervisor, older, headers, admission.attempt)
         job = HeldJob(job_id, task.name, admission.attempt, copy)
         supervisor.ledger.add(job)
         return job
@@ -207,6 +249,39 @@ def admit(
         )
     message.ack()
     return None
+
+
+def _make_way(
+    supervisor: Supervisor, older: HeldJob, headers: dict[str, Any], attempt: int,
+) -> None:
+    """Let go of this worker's older copy of a job whose next attempt it admitted."""
+    if older.child_lost:
+        return  # its pool process died; this worker re-dispatched it
+    if _retries_of(headers) > _retries_of(older.request):
+        # Task.retry() sent it; ending the older copy would kill a pool
+        # process that is about to report the retry.
+        logger.info(
+            'Job %s attempt %d is the retry that attempt %d asked for; the older '
+            'copy ends by itself.', older.id, attempt, older.attempt,
+        )
+        return
+    # This worker was presumed dead and now gets the job's next attempt: its
+    # own older copy is fenced as on any other worker.
+    logger.warning(
+        'Job %s attempt %d arrives at worker %s, which still holds attempt %d of '
+        'it; stopping the older copy.', older.id, attempt, supervisor.hostname,
+        older.attempt,
+    )
+    supervisor.release(older, 'fenced', by=supervisor.hostname)
+
+
+def _retries_of(source: Any) -> int:
+    """Celery's retry count, from message headers or from a request."""
+    if isinstance(source, dict):
+        retries = source.get('retries')
+    else:
+        retries = getattr(source, 'request_dict', {}).get('retries')
+    return retries if isinstance(retries, int) and not isinstance(retries, bool) else 0
 
 
 def _unless_outcome_stored(
@@ -355,6 +430,7 @@ class TurnoutRequest(Request):
                     self.acknowledge()
                 supervisor.ledger.discard(job)
 
+            job.child_lost = True
             supervisor.redispatch_later(job, reason, settle)
             return None
 

@@ -33,6 +33,8 @@ class HeldJob:
             this one reports).
         stall_reported: When the progress last moved before the stall that
             was last reported, so that each stall is reported once.
+        child_lost: True once its pool process died; the job stays held
+            until its re-dispatch as the next attempt is out.
     """
 
     id: str
@@ -47,6 +49,7 @@ class HeldJob:
     released: str | None = None
     progress: dict[str, Any] | None = None
     stall_reported: float | None = None
+    child_lost: bool = False
 
     def describe(self, owner: str, proven: float | None) -> dict[str, Any]:
         """The job as ``inspect turnout-jobs`` reports it."""

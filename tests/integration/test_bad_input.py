@@ -656,6 +656,60 @@ def test_a_job_celery_refuses_after_admission_fails_and_is_held_no_longer(
     assert cluster.send("it.sleeper", 0.1).get(timeout=30)["attempt"] == 1
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"not": "a list"},
+        [[0.1], {}],
+        ["0.1", {}, {}],
+        [[0.1], [], {}],
+        [[0.1], {}, "embed"],
+    ],
+    ids=["mapping", "two-items", "args-string", "kwargs-list", "embed-string"],
+)
+def test_a_job_message_of_the_wrong_shape_fails_and_the_worker_goes_on(
+    cluster: Cluster, body: Any
+) -> None:
+    (worker,) = start(cluster, 1)
+    app = cluster.app
+    message = app.amqp.as_task_v2(
+        f"bad-body-{uuid.uuid4().hex}", "it.sleeper", args=(0.1,)
+    )._replace(body=body)
+    with app.producer_or_acquire() as producer:
+        app.amqp.send_task_message(producer, "it.sleeper", message)
+    job_id = message.headers["id"]
+
+    wait_for(
+        lambda: app.AsyncResult(job_id).state == "FAILURE",
+        30,
+        f"job {job_id} to fail",
+    )
+    assert f"job {job_id} (it.sleeper): its " in str(app.AsyncResult(job_id).result)
+    assert [e["event"] for e in celery_turnout.history(app, job_id)] == ["refused"]
+    assert cluster.send("it.sleeper", 0.1).get(timeout=30)["attempt"] == 1
+    assert worker.process.poll() is None, worker.log()
+
+
+@pytest.mark.transports("redis")
+@pytest.mark.parametrize(
+    "store_url",
+    ["file:///proc/turnout-cannot-create-this", "redis://127.0.0.1:1/0"],
+    ids=["folder-not-creatable", "redis-unreachable"],
+)
+def test_a_worker_whose_store_is_unusable_exits_at_start_saying_why(
+    cluster: Cluster, store_url: str
+) -> None:
+    cluster.env["TURNOUT_IT_STORE_URL"] = store_url
+    worker = spawn(cluster)
+
+    wait_for(lambda: worker.process.poll() is not None, 60, f"{worker.name} to exit")
+
+    log = worker.log()
+    assert worker.process.returncode != 0
+    assert "celery-turnout cannot reach its store" in log, log
+    assert "Connection to broker lost" not in log, log
+
+
 # -- the app's serializer ------------------------------------------------------------
 
 #: The promised delay from an owner's death to the next attempt, with slack.

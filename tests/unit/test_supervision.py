@@ -18,6 +18,7 @@ from celery.worker import state as worker_state
 from kombu import Queue
 
 from celery_turnout.errors import MalformedMessage
+from celery_turnout.intake import _make_way
 from celery_turnout.ledger import HeldJob
 from celery_turnout.messages import ATTEMPT_HEADER, COPY_HEADER, Fence, Monitor
 from celery_turnout.settings import Settings
@@ -545,3 +546,33 @@ def test_a_monitor_message_due_far_ahead_is_dropped_and_holds_no_slot(supervisor
 
     assert [p.message for p in supervisor._pending] == [soon]
     assert later.acked and not soon.acked
+
+
+def older_copy(supervisor, store, retries=0):
+    job = hold(supervisor, store, 'job-7')
+    job.request = SimpleNamespace(request_dict={'retries': retries})
+    return job
+
+
+def test_a_next_attempt_arriving_where_the_older_copy_runs_fences_that_copy(
+    supervisor, store,
+):
+    older = older_copy(supervisor, store)
+    _make_way(supervisor, older, {'id': 'job-7', 'retries': 0}, 2)
+    assert older.released == 'fenced'
+
+
+def test_the_retry_an_attempt_asked_for_does_not_fence_it(supervisor, store):
+    older = older_copy(supervisor, store, retries=1)
+    _make_way(supervisor, older, {'id': 'job-7', 'retries': 2}, 3)
+    assert older.released is None
+    assert 'fenced' not in [e['event'] for e in store.history('job-7')]
+
+
+def test_the_re_dispatch_of_a_job_whose_pool_process_died_does_not_fence_it(
+    supervisor, store,
+):
+    older = older_copy(supervisor, store)
+    older.child_lost = True
+    _make_way(supervisor, older, {'id': 'job-7', 'retries': 0}, 2)
+    assert older.released is None
