@@ -224,7 +224,7 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
     for event in events:
         click.echo(_line(event, start))
     now = time.time()
-    click.echo(f'state: {state}')
+    click.echo(f'state: {state}{_pending_note(state, events)}')
     if progress:
         click.echo(f'progress: {progress_text(progress)} (attempt '
                    f'{progress.get("attempt")}, '
@@ -258,6 +258,23 @@ def _line(event: dict[str, Any], start: float) -> str:
         f'{stamp} +{event["at"] - start:7.1f}s  attempt {event["attempt"]:<3} '
         f'{event["event"]:<11} on {event["worker"]}{extra}'
     )
+
+
+#: History events after which no copy of the job runs.
+ENDING_EVENTS = frozenset({'finished', 'failed', 'cancelled', 'revoked', 'refused'})
+
+
+def _pending_note(state: str | None, events: list[dict[str, Any]]) -> str:
+    """Why a job that turnout saw start is still PENDING in the backend."""
+    if state != PENDING:
+        return ''
+    started = [e for e in events if e.get('event') == 'started']
+    if not started or any(e.get('event') in ENDING_EVENTS for e in events):
+        return ''
+    last = started[-1]
+    return (f' in the result backend, while attempt {last.get("attempt")} runs or '
+            f'waits on {last.get("worker")} (Celery stores STARTED only for tasks '
+            'with track_started=True)')
 
 
 def _state(app: Celery, job_id: str) -> str | None:
@@ -355,9 +372,15 @@ def watch_line(update: Mapping[str, Any]) -> str:
 def cancel(ctx: click.Context, job_id: str, reason: str, as_json: bool) -> None:
     """Cancel a job for good: stop its running copy and never run it again."""
     app: Celery = ctx.obj.app
+    known = bool(store_for(app).history(job_id))
     stopped = cancel_job(app, job_id, reason)
     if as_json:
-        click.echo(json.dumps({'job': job_id, 'reason': reason, 'stopped': stopped}))
+        click.echo(json.dumps({'job': job_id, 'reason': reason, 'stopped': stopped,
+                               'known': known}))
+    elif stopped and not known:
+        click.echo(f'Cancelled job {job_id}: {reason}. No worker has admitted it '
+                   'yet (it may still wait in a queue, or the id is wrong); no copy '
+                   'of it will start.')
     elif stopped:
         click.echo(f'Cancelled job {job_id}: {reason}.')
     else:

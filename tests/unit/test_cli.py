@@ -216,3 +216,27 @@ def test_jobs_json_lists_who_answered_and_who_did_not():
 def test_every_subcommand_has_help_text():
     for name, command in cli.turnout.commands.items():
         assert command.help and command.help.split('\n')[0], name
+
+
+def test_cancel_of_an_id_no_worker_admitted_says_so(monkeypatch):
+    app = SimpleNamespace()
+    monkeypatch.setattr(cli, 'store_for', lambda app: FakeStore())
+    monkeypatch.setattr(cli, 'cancel_job', lambda app, job_id, reason: True)
+    result = CliRunner().invoke(cli.turnout, ['cancel', 'no-such-job'],
+                                obj=SimpleNamespace(app=app))
+    assert result.exit_code == 0, result.output
+    assert 'No worker has admitted it yet' in result.output
+
+
+def test_show_explains_pending_for_a_job_a_worker_runs(monkeypatch):
+    app = SimpleNamespace(
+        backend=FakeBackend({'status': 'PENDING', 'result': None}),
+        AsyncResult=lambda job_id: SimpleNamespace(state='PENDING'),
+    )
+    admitted = {'event': 'started', 'attempt': 2, 'worker': 'a@vm', 'at': NOW}
+    monkeypatch.setattr(cli, 'store_for', lambda app: FakeStore(history=[admitted]))
+    result = CliRunner().invoke(cli.turnout, ['show', 'job-1'],
+                                obj=SimpleNamespace(app=app))
+    assert result.exit_code == 0, result.output
+    assert ('state: PENDING in the result backend, while attempt 2 runs or waits '
+            'on a@vm') in result.output
