@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from harness import Cluster, rabbitmqctl, wait_for
 
+import celery_turnout
+
 pytestmark = pytest.mark.integration
 
 #: The lowered RabbitMQ consumer timeout and channel tick, in milliseconds.
@@ -111,9 +113,15 @@ def test_a_job_longer_than_the_rabbitmq_consumer_timeout_runs_once_on_one_channe
 
     assert outcome["attempt"] == 1
     assert [r["attempt"] for r in cluster.records.events(job.id, "start")] == [1]
+    events = [e["event"] for e in celery_turnout.history(cluster.app, job.id)]
+    assert events == ["started", "covered", "finished"], events
     for name, text in cluster.logs():
         assert "PRECONDITION_FAILED" not in text, name
         assert "Connection to broker lost" not in text, name
+        # A redelivered job message would be dropped as a duplicate copy, and
+        # a redelivered check that found a lane unread would take a job over.
+        assert "is already held by copy" not in text, name
+        assert "takes over" not in text, name
     assert CONSUMER_TIMED_OUT not in server_log.since()
 
 

@@ -26,6 +26,15 @@ pytestmark = pytest.mark.integration
 HANDOFF_BOUND = 5.0
 
 
+def running(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_warm_shutdown_hands_jobs_off_at_once(
     cluster: Cluster, figure: Callable[[str], None]
 ) -> None:
@@ -41,6 +50,12 @@ def test_a_warm_shutdown_hands_jobs_off_at_once(
     )
     assert second["worker"] in {w.name for w in cluster.others(owner)}
     wait_for(lambda: owner.process.poll() is not None, 15, "the owner to exit")
+    # The pool process that ran the old copy is gone with its worker.
+    wait_for(
+        lambda: not running(first["pid"]),
+        5,
+        f"pool process {first['pid']} of attempt 1 to exit",
+    )
 
     outcome: dict[str, Any] = job.get(timeout=seconds + 30)
     assert outcome["attempt"] == 2
