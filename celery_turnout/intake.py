@@ -130,12 +130,33 @@ def _body_problem(payload: Any) -> str | None:
         return f'its args are a {type(args).__name__}, not a list'
     if not isinstance(kwargs, dict):
         return f'its kwargs are a {type(kwargs).__name__}, not a mapping'
-    if embed is not None and not isinstance(embed, dict):
+    if embed is None:
+        return None
+    if not isinstance(embed, dict):
         return f'its embedded options are a {type(embed).__name__}, not a mapping'
-    # TODO(check the shapes of the callbacks, errbacks, chain and chord too):
-    # Celery's own failure handling raises on malformed ones; the job ends
-    # FAILURE and the worker goes on, but its history lacks the final event.
+    # Celery reads these only after the job ran, and a malformed one makes it
+    # fail there, past the point where turnout records how the job ended.
+    for key in ('callbacks', 'errbacks', 'chain'):
+        signatures = embed.get(key)
+        if signatures is None:
+            continue
+        if not isinstance(signatures, (list, tuple)):
+            return (f'its embedded {key} are a {type(signatures).__name__}, '
+                    f'not a list of signatures')
+        for signature in signatures:
+            # Celery builds an errback from a bare task name too.
+            if not (_is_signature(signature)
+                    or key == 'errbacks' and isinstance(signature, str)):
+                return (f'its embedded {key} hold {signature!r:.60}, which is '
+                        f'not a task signature')
+    chord = embed.get('chord')
+    if chord is not None and not _is_signature(chord):
+        return f'its embedded chord is {chord!r:.60}, not a task signature'
     return None
+
+
+def _is_signature(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get('task'), str)
 
 
 def _refuse_body(

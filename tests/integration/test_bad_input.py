@@ -679,8 +679,18 @@ def test_a_job_celery_refuses_after_admission_fails_and_is_held_no_longer(
         ["0.1", {}, {}],
         [[0.1], [], {}],
         [[0.1], {}, "embed"],
+        [[0.1], {}, {"callbacks": "it.sleeper"}],
+        [[0.1], {}, {"chord": {"args": []}}],
     ],
-    ids=["mapping", "two-items", "args-string", "kwargs-list", "embed-string"],
+    ids=[
+        "mapping",
+        "two-items",
+        "args-string",
+        "kwargs-list",
+        "embed-string",
+        "callbacks-string",
+        "chord-without-task",
+    ],
 )
 def test_a_job_message_of_the_wrong_shape_fails_and_the_worker_goes_on(
     cluster: Cluster, body: Any
