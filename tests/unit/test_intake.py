@@ -9,13 +9,7 @@ from celery_turnout.intake import _body_problem
 
 @pytest.fixture
 def app():
-    app = Celery('intake', set_as_current=False)
-
-    @app.task(name='t.add')
-    def add(x, y):
-        return x + y
-
-    return app
+    return Celery('intake', set_as_current=False)
 
 
 def wire_body(app, **options):
