@@ -210,6 +210,19 @@ class Store(ABC):
     def complete_check(self, token: str) -> None:
         """Remove a claimed check from the board."""
 
+    # A fence notice reaches its owner through the owner's control queue,
+    # which the broker deletes once the owner has left it unused for
+    # turnout_queue_expires. The store keeps a copy, for an owner that was
+    # silent that long (a long pause, a long partition).
+
+    @abstractmethod
+    def keep_fence(self, owner: str, body: str) -> None:
+        """Keep a copy of a fence notice sent to the worker ``owner``."""
+
+    @abstractmethod
+    def kept_fences(self, owner: str) -> list[str]:
+        """The fence notices kept for the worker ``owner``, oldest first."""
+
     @abstractmethod
     def ping(self) -> None:
         """Raise if the store cannot be used right now."""
@@ -377,6 +390,20 @@ class RedisStore(Store):
     def checkpoint(self, job: str) -> dict[str, Any] | None:
         return _loads(self._client.get(self._key(job, 'checkpoint')))
 
+    def keep_fence(self, owner: str, body: str) -> None:
+        key = self._fences_key(owner)
+        with self._client.pipeline() as pipe:
+            pipe.rpush(key, body)
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def kept_fences(self, owner: str) -> list[str]:
+        return [_raw_text(item)
+                for item in self._client.lrange(self._fences_key(owner), 0, -1)]
+
+    def _fences_key(self, owner: str) -> str:
+        return f'{self.prefix}:fences:{owner}'
+
     def ping(self) -> None:
         self._client.ping()
 
@@ -517,6 +544,23 @@ class FileStore(Store):
 
     def checkpoint(self, job: str) -> dict[str, Any] | None:
         return _loads(_read(os.path.join(self._folder(job), 'checkpoint')))
+
+    def keep_fence(self, owner: str, body: str) -> None:
+        with _JobLock(self._fences_folder(owner)) as folder:
+            with open(os.path.join(folder, 'fences'), 'a') as file:
+                file.write(json.dumps(body) + '\n')
+
+    def kept_fences(self, owner: str) -> list[str]:
+        path = os.path.join(self._fences_folder(owner), 'fences')
+        try:
+            with open(path) as file:
+                return [json.loads(line) for line in file if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def _fences_folder(self, owner: str) -> str:
+        digest = hashlib.sha1(owner.encode()).hexdigest()
+        return os.path.join(self.root, '.fences', digest)
 
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):

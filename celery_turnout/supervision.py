@@ -351,6 +351,8 @@ class Supervisor:
         self._pending: list[_Pending] = []
         self._seq = itertools.count()
         self._tick_no = 0
+        #: When the control queue was last read (monotonic), None before that.
+        self._fences_read_at: float | None = None
         self._last_lane: Queue | None = None
         self._origin = time.monotonic()
         self._next_tick = self._origin + settings.supervise_interval
@@ -915,10 +917,11 @@ class Supervisor:
         self.ledger.discard(job)
 
     def _read_fences(self, session: _Session) -> None:
+        began = time.monotonic()
         while True:
             message = session.next_control_message(self.accept)
             if message is None:
-                return
+                break
             try:
                 fence = Fence.from_body(message.decode())
             except Exception as exc:
@@ -929,6 +932,33 @@ class Supervisor:
             else:
                 self._obey(session, fence)
             message.ack()
+        # The broker drops a control queue left unused for turnout_queue_expires,
+        # with the notices in it. Half of that is well inside what any queue
+        # this worker last read or declared is kept for.
+        if self._fences_read_at is not None and (
+            began - self._fences_read_at > self.settings.queue_expires / 2
+        ):
+            self._read_kept_fences(session, began - self._fences_read_at)
+        self._fences_read_at = began
+
+    def _read_kept_fences(self, session: _Session, silence: float) -> None:
+        """Obey the fence notices the store kept for this worker."""
+        logger.warning(
+            'Worker %s read no control queue for %.0f s, long enough for the '
+            'broker to drop its queues (turnout_queue_expires is %g s); it reads '
+            'the fence notices kept in the store and stops every copy they name.',
+            self.worker_id, silence, self.settings.queue_expires,
+        )
+        for body in self.store.kept_fences(self.worker_id):
+            try:
+                fence = Fence.from_body(json.loads(body))
+            except (ValueError, MalformedMessage) as exc:
+                logger.error(
+                    'Dropping a malformed fence notice that the store kept for '
+                    'worker %s: %s.', self.worker_id, exc,
+                )
+                continue
+            self._obey(session, fence)
 
     def _obey(self, session: _Session, fence: Fence) -> None:
         for job_id, attempt in fence.jobs:
@@ -1118,6 +1148,10 @@ class Supervisor:
         fence = Fence(
             owner=monitor.owner, by=self.worker_id, reason=reason, jobs=monitor.jobs,
         )
+        # Kept in the store too, for an owner that comes back after the broker
+        # dropped its control queue; before the notice, so that no re-dispatch
+        # ever goes out without a fence that outlives the queue.
+        self.store.keep_fence(monitor.owner, json.dumps(fence.to_body()))
         session.publish(fence.to_body(), monitor.control)
         session.keep_expiry(monitor.control)
         fault_point('check.after_fence')

@@ -133,6 +133,17 @@ def a_check_is_claimed_once_when_due_and_again_after_its_lease(store: Store) -> 
     assert store.claim_checks(now + 100, 2.0, 10) == ([], None)
 
 
+def fence_notices_are_kept_per_owner_in_order(store: Store) -> None:
+    assert store.kept_fences('w1@host.abc') == []
+    store.keep_fence('w1@host.abc', '{"jobs": [["job-1", 1]]}')
+    store.keep_fence('w2@host.def', '{"jobs": []}')
+    store.keep_fence('w1@host.abc', '{"jobs": [["job-2", 3]]}')
+    assert store.kept_fences('w1@host.abc') == [
+        '{"jobs": [["job-1", 1]]}', '{"jobs": [["job-2", 3]]}',
+    ]
+    assert store.kept_fences('w2@host.def') == ['{"jobs": []}']
+
+
 CONTRACT = [
     the_first_copy_of_an_attempt_starts_it,
     another_copy_of_the_same_attempt_is_a_duplicate,
@@ -147,4 +158,5 @@ CONTRACT = [
     progress_and_checkpoints_are_kept_for_the_next_attempt,
     a_superseded_attempt_can_write_neither_progress_nor_checkpoints,
     a_finished_or_cancelled_job_takes_no_more_progress,
+    fence_notices_are_kept_per_owner_in_order,
 ]

@@ -15,6 +15,8 @@ worker processes and the test process build the same app from the same mapping:
   in seconds (0, the default, turns the soft shutdown off).
 - ``TURNOUT_IT_RECORDS``: the directory where jobs write what they did.
 - ``TURNOUT_IT_TASK_EVENTS``: ``1`` makes workers send events, as ``-E`` does.
+- ``TURNOUT_IT_QUEUE_EXPIRES``: ``turnout_queue_expires`` in seconds (default:
+  turnout's own).
 
 Each job appends one JSON line per event (``start``, ``finish``) to
 ``<records>/<job id>.jsonl``, so a test can see every attempt of a job, on which
@@ -80,6 +82,8 @@ def create_app(env: Mapping[str, str]) -> Celery:
         turnout_monitor_queue_expires=QUEUE_EXPIRES_MS / 1000,
         worker_send_task_events=env.get("TURNOUT_IT_TASK_EVENTS") == "1",
     )
+    if "TURNOUT_IT_QUEUE_EXPIRES" in env:
+        app.conf.turnout_queue_expires = float(env["TURNOUT_IT_QUEUE_EXPIRES"])
     records = Path(env.get("TURNOUT_IT_RECORDS", "records"))
     _register_jobs(app, records)
     return app

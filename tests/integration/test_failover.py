@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -135,6 +137,73 @@ def test_a_paused_owner_is_fenced_and_the_result_comes_from_the_next_attempt(
     stored = cluster.app.AsyncResult(job.id).get(timeout=10)
     assert stored["attempt"] == 2, "the first attempt's late result overwrote it"
     assert ("fenced", 1) in events_of(cluster, job.id)
+
+
+def control_queue_of(cluster: Cluster, worker: Any) -> str:
+    """The name of a worker's control queue, from its log."""
+    found = re.search(r"Turnout supervision started for worker (\S+):", worker.log())
+    assert found, f"{worker.name} logged no supervision start"
+    return f"{cluster.env['TURNOUT_IT_QUEUE_PREFIX']}.control.{found.group(1)}"
+
+
+def queue_exists(cluster: Cluster, name: str) -> bool:
+    """True while the broker keeps the queue.
+
+    A Redis list exists only while it holds messages; the queue asked about
+    here holds a fence notice. On RabbitMQ the passive declaration counts as a
+    use of the queue and restarts its expiry: ask once, after it should be gone.
+    """
+    if cluster.broker_name == "redis":
+        client = redis.Redis.from_url(cluster.env["TURNOUT_IT_BROKER_URL"])
+        return bool(client.exists(name))
+    with cluster.app.connection_for_write() as connection:
+        try:
+            connection.default_channel.queue_declare(queue=name, passive=True)
+        except connection.channel_errors:
+            return False
+        return True
+
+
+@pytest.mark.transports("redis", "rabbitmq")
+def test_an_owner_paused_until_its_control_queue_expired_is_fenced_on_resuming(
+    cluster: Cluster, figure: Callable[[str], None]
+) -> None:
+    # The broker drops a control queue left unused for turnout_queue_expires,
+    # and the fence notice in it: the resumed owner must learn of the takeover
+    # all the same, or its copy runs on next to the new attempt.
+    expires = 6.0
+    cluster.env["TURNOUT_IT_QUEUE_EXPIRES"] = str(expires)
+    cluster.start(2)
+    seconds = 30.0
+    job, first, owner = a_covered_job(cluster, seconds)
+    control = control_queue_of(cluster, owner)
+
+    stopped_at = owner.stop()
+    cluster.wait_started(job.id, attempt=2, timeout=detection_bound(cluster) + 10)
+    # The pause this test is about: longer than the queue is kept.
+    wait_for(
+        lambda: time.time() >= stopped_at + expires + 2 * cluster.interval,
+        expires + 10,
+        "the paused owner's queues to expire",
+    )
+    assert not queue_exists(cluster, control), f"{control} outlived its expiry"
+    resumed_at = owner.resume()
+
+    def first_copy_gone() -> bool:
+        try:
+            os.kill(first["pid"], 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(first_copy_gone, 3 * cluster.interval + 5, "the first copy to stop")
+    figure(
+        f"{cluster.broker_name}: SIGCONT to the first copy stopped "
+        f"{time.time() - resumed_at:.2f} s (or less)"
+    )
+    assert ("fenced", 1) in events_of(cluster, job.id)
+    assert job.get(timeout=seconds + 30)["attempt"] == 2
+    assert not cluster.records.events(job.id, "finish", attempt=1)
 
 
 @pytest.mark.transports("redis")

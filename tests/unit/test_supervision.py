@@ -576,3 +576,65 @@ def test_the_re_dispatch_of_a_job_whose_pool_process_died_does_not_fence_it(
     older.child_lost = True
     _make_way(supervisor, older, {'id': 'job-7', 'retries': 0}, 2)
     assert older.released is None
+
+
+def test_a_takeover_keeps_its_fence_in_the_store_before_it_sends_the_notice(
+    supervisor, store, session, monkeypatch,
+):
+    store.admit('job-1', 1, 'copy-a', stored_message('job-1'), 9, {'event': 'started'})
+    keep = store.keep_fence
+    monkeypatch.setattr(store, 'keep_fence', lambda owner, body: (
+        session.ops.append(('keep fence', owner)), keep(owner, body)))
+    monitor = a_monitor_for(supervisor)
+
+    supervisor._take_over(session, monitor)
+
+    assert steps(session) == ['keep fence', 'publish fence', 'keep expiry',
+                              're-dispatch']
+    (kept,) = store.kept_fences(monitor.owner)
+    assert Fence.from_body(json.loads(kept)).jobs == (('job-1', 1),)
+
+
+def silent_for(supervisor, seconds):
+    """Make the last read of the control queue ``seconds`` old."""
+    supervisor._fences_read_at = time.monotonic() - seconds
+
+
+def test_an_owner_back_after_its_control_queue_may_have_expired_obeys_kept_fences(
+    supervisor, store, session,
+):
+    job = hold(supervisor, store)
+    other = hold(supervisor, store, 'job-2')
+    supervisor._tick(session)
+    for token, _ in store.claim_checks(time.time() + 60, 1, 9)[0]:
+        store.complete_check(token)
+    store.keep_fence(supervisor.worker_id,
+                     json.dumps(a_fence(supervisor, ('job-1', 1)).to_body()))
+    store.keep_fence(supervisor.worker_id, '{"kind": "fence", "jobs": "all"}')
+    silent_for(supervisor, supervisor.settings.queue_expires)
+    session.ops.clear()
+
+    supervisor._tick(session)
+
+    assert job.released == 'fenced' and other.released is None
+    # The notice is gone with the queue, so the checker may have died before
+    # its re-dispatch as well: the owner re-dispatches the job itself.
+    assert ('re-dispatch', 'job-1', 2) in session.ops
+    (_, body), = store.claim_checks(time.time() + 60, 1, 9)[0]
+    assert Monitor.from_body(json.loads(body)).jobs == (('job-2', 1),)
+
+
+def test_an_owner_that_kept_reading_its_control_queue_leaves_the_store_alone(
+    supervisor, store, session,
+):
+    job = hold(supervisor, store)
+    supervisor._tick(session)
+    store.keep_fence(supervisor.worker_id,
+                     json.dumps(a_fence(supervisor, ('job-1', 1)).to_body()))
+    silent_for(supervisor, supervisor.settings.queue_expires / 4)
+
+    supervisor._tick(session)
+
+    # A notice still in the queue is read there; the store's copy is only for
+    # a queue the broker may have dropped.
+    assert job.released is None
