@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from queue import Empty
 from typing import Any
 
 from celery import bootsteps
@@ -129,6 +130,7 @@ class Supervision(bootsteps.StartStopStep):
                 try:
                     if c.task_consumer is not None:
                         c.task_consumer.cancel()
+                        _finish_pending_read(c.task_consumer)
                 except Exception as exc:
                     logger.warning(
                         'Worker %s could not stop its task consumer before handing '
@@ -152,6 +154,34 @@ class Supervision(bootsteps.StartStopStep):
             return  # supervision goes on until the pool has drained
         supervisor.stop()
         supervisor.run_pending_calls()
+
+
+def _finish_pending_read(consumer: Any) -> None:
+    """Take in the reply to the read a cancelled Redis consumer has in flight.
+
+    kombu's Redis transport keeps a BRPOP waiting on the server while it
+    consumes, and cancelling does not withdraw it: the server hands it the next
+    message pushed to the queue, such as a copy this worker is about to hand
+    off, and the reply waits unread in the socket until the channel closes,
+    which a SIGKILL forestalls. Read now, the message finds no consumer and
+    kombu puts it back on the queue. The server answers within the transport's
+    ``brpop_timeout`` (one second by default).
+    """
+    channel = consumer.channel
+    # TODO(a public kombu call that settles a cancelled consumer's pending
+    # read): these are the Redis channel's private attributes, checked so that
+    # another kombu version or transport is merely left as it is.
+    finish = getattr(channel, '_brpop_read', None)
+    poller = getattr(getattr(channel, 'connection', None), 'cycle', None)
+    if (
+        finish is None or not getattr(channel, '_in_poll', None)
+        or getattr(poller, '_in_protected_read', False)
+    ):
+        return
+    try:
+        finish()
+    except Empty:
+        pass  # the read timed out empty
 
 
 def _safe(url: str) -> str:

@@ -20,9 +20,8 @@ from test_failover import a_covered_job, events_of
 
 pytestmark = pytest.mark.integration
 
-#: Seconds from SIGTERM to the next attempt's start. An orchestrator's grace
-#: period is typically 30 s; a copy the leaving worker's own consumer had
-#: already fetched is returned when that consumer closes, a second or two later.
+#: Seconds from SIGTERM to the next attempt's start, well inside the grace
+#: period an orchestrator typically gives (30 s).
 HANDOFF_BOUND = 5.0
 
 
@@ -63,6 +62,29 @@ def test_a_warm_shutdown_hands_jobs_off_at_once(
     events = events_of(cluster, job.id)
     assert ("handed_off", 2) in events
     assert ("taken_over", 2) not in events, "the exit was mistaken for a crash"
+
+
+@pytest.mark.transports("redis", "rabbitmq")
+def test_a_worker_killed_just_after_its_warm_hand_off_loses_no_job(
+    cluster: Cluster,
+) -> None:
+    # An orchestrator's SIGKILL can follow its SIGTERM within a second. The
+    # leaving worker must not be the one that fetches the copy it handed off.
+    cluster.start(2)
+    seconds = 4.0
+    job, first, owner = a_covered_job(cluster, seconds)
+
+    owner.signal(signal.SIGTERM)
+    wait_for(
+        lambda: ("handed_off", 2) in events_of(cluster, job.id),
+        HANDOFF_BOUND,
+        f"{owner.name} to hand job {job.id} off",
+    )
+    owner.kill()
+
+    outcome: dict[str, Any] = job.get(timeout=seconds + 30)
+    assert outcome["attempt"] == 2
+    assert outcome["worker"] in {w.name for w in cluster.others(owner)}
 
 
 def test_a_worker_set_to_wait_finishes_its_jobs_and_leaves_without_a_takeover(
