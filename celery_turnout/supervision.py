@@ -278,7 +278,9 @@ def _supervise_tick(message: Message) -> int | None:
     if not isinstance(body, dict) or body.get('kind') != 'supervise':
         return None
     tick = body.get('tick')
-    return tick if isinstance(tick, int) and not isinstance(tick, bool) else None
+    # Ticks count up from 0; anything else did not come from an owner.
+    valid = isinstance(tick, int) and not isinstance(tick, bool) and tick >= 0
+    return tick if valid else None
 
 
 def _worker_queue(name: str, expires_ms: int) -> Queue:

@@ -23,7 +23,11 @@ from celery_turnout.ledger import HeldJob
 from celery_turnout.messages import ATTEMPT_HEADER, COPY_HEADER, Fence, Monitor
 from celery_turnout.settings import Settings
 from celery_turnout.store import FileStore
-from celery_turnout.supervision import Supervisor, cold_shutdown_began
+from celery_turnout.supervision import (
+    Supervisor,
+    _supervise_tick,
+    cold_shutdown_began,
+)
 
 
 class RecordingSession:
@@ -638,3 +642,16 @@ def test_an_owner_that_kept_reading_its_control_queue_leaves_the_store_alone(
     # A notice still in the queue is read there; the store's copy is only for
     # a queue the broker may have dropped.
     assert job.released is None
+
+
+@pytest.mark.parametrize('body, tick', [
+    ({'kind': 'supervise', 'owner': 'w1@host.abc', 'tick': 7}, 7),
+    ({'kind': 'supervise', 'owner': 'w1@host.abc', 'tick': 0}, 0),
+    ({'kind': 'supervise', 'owner': 'w1@host.abc', 'tick': -5}, None),
+    ({'kind': 'supervise', 'owner': 'w1@host.abc', 'tick': True}, None),
+    ({'kind': 'supervise', 'owner': 'w1@host.abc', 'tick': '7'}, None),
+    ({'kind': 'fence', 'tick': 7}, None),
+    ('supervise 7', None),
+])
+def test_only_a_supervise_message_with_a_tick_counted_from_zero_is_read(body, tick):
+    assert _supervise_tick(FakeMessage(body)) == tick
