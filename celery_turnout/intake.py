@@ -329,7 +329,8 @@ def _unless_outcome_stored(
         job_id, attempt, f'{supervisor.hostname}:stored',
         supervisor.event(
             'finished', attempt, state=meta['status'],
-            reason='an earlier attempt had stored its outcome; this one did not run',
+            reason=f'the result backend already holds its outcome '
+                   f'({meta["status"]}); this attempt did not run',
         ),
     )
     return Verdict.FINISHED
