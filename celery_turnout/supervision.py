@@ -746,6 +746,11 @@ class Supervisor:
                     self.settings.detection_bound,
                 )
         else:
+            # TODO(settle the task consumer's pending Redis read first, as the
+            # warm hand-off does, once the main thread can be asked to while it
+            # waits on the pool): until then this worker's own consumer may
+            # fetch a copy it hands off here: the copy comes back when the
+            # connection closes, and is lost if a SIGKILL comes first.
             self._pass_on(session, jobs, f'worker {self.hostname} shut down (cold)')
             # Jobs still waiting for a pool process may be unacknowledged; their
             # messages go only now that their next attempt is out.
