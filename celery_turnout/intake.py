@@ -26,6 +26,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
 
+from .canvas import context_of_message, store_failure
 from .errors import JobExhausted, MalformedMessage
 from .events import announce_now
 from .faults import fault_point
@@ -255,7 +256,7 @@ def admit(
             'the worker holding it died before its first supervise tick and the '
             'broker returned its message'
         )
-        _fail_exhausted(supervisor, task, job_id, admission.attempt, reason)
+        _fail_exhausted(supervisor, task, job_id, admission.attempt, reason, message)
     elif verdict is Verdict.DUPLICATE:
         logger.info(
             'Dropping copy %s of job %s: attempt %d is already held by copy %s.',
@@ -342,18 +343,32 @@ def _max_takeovers(task: Any, supervisor: Supervisor) -> int:
 
 def _fail_exhausted(
     supervisor: Supervisor, task: Any, job_id: str, attempt: int,
-    reason: str,
+    reason: str, message: Message | None = None,
 ) -> None:
     exc = JobExhausted(
         f'job {job_id} ({task.name}) was lost on each of its {attempt - 1} '
         f'attempts, the last time because {reason}; giving up after '
         f'{_max_takeovers(task, supervisor)} takeover(s)'
     )
-    logger.error('Job %s fails for good: %s.', job_id, exc)
     # The completion mark fences the last attempt: should its copy still be
     # running (a paused owner), its progress and its outcome are refused.
-    supervisor.store.finish(job_id, attempt - 1, f'{supervisor.hostname}:exhausted')
-    task.backend.mark_as_failure(job_id, exc)
+    if not supervisor.store.finish(job_id, attempt - 1,
+                                   f'{supervisor.hostname}:exhausted'):
+        # Another copy failed it already, or it was cancelled: its FAILURE,
+        # errbacks and chord are not told twice.
+        logger.info(
+            'Dropping an exhausted copy of job %s: attempt %d already finished or '
+            'the job was cancelled; nothing more is stored.', job_id, attempt - 1,
+        )
+        return
+    logger.error('Job %s fails for good: %s.', job_id, exc)
+
+    def context() -> Any:
+        if message is None:
+            raise LookupError('no message to rebuild the request from')
+        return context_of_message(message, supervisor.app, task, supervisor.hostname)
+
+    store_failure(task.backend, job_id, attempt - 1, exc, context)
     supervisor.store.log(job_id, {
         'event': 'failed', 'attempt': attempt - 1, 'worker': supervisor.hostname,
         'at': time.time(), 'reason': str(exc),
