@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery
+from celery.canvas import Signature
 from celery.exceptions import Ignore, InvalidTaskError, Reject, Retry
 from celery.states import FAILURE, READY_STATES, SUCCESS
 from celery.worker import state as worker_state
@@ -146,18 +147,49 @@ def _body_problem(payload: Any) -> str | None:
                     f'not a list of signatures')
         for signature in signatures:
             # Celery builds an errback from a bare task name too.
-            if not (_is_signature(signature)
-                    or key == 'errbacks' and isinstance(signature, str)):
+            if key == 'errbacks' and isinstance(signature, str):
+                continue
+            why = _signature_problem(signature)
+            if why is not None:
                 return (f'its embedded {key} hold {signature!r:.60}, which is '
-                        f'not a task signature')
+                        f'not a task signature ({why})')
     chord = embed.get('chord')
-    if chord is not None and not _is_signature(chord):
-        return f'its embedded chord is {chord!r:.60}, not a task signature'
+    why = None if chord is None else _signature_problem(chord)
+    if why is not None:
+        return f'its embedded chord is {chord!r:.60}, not a task signature ({why})'
     return None
 
 
-def _is_signature(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get('task'), str)
+#: The canvas types of Celery 5, should its registry be empty.
+KNOWN_SIGNATURE_TYPES = frozenset(
+    {'chain', 'chord', 'chunks', 'group', 'xmap', 'xstarmap'},
+)
+
+
+def _signature_problem(value: Any) -> str | None:
+    """Why ``value`` is not the outer shape of a task signature, or None.
+
+    Nested canvases (chain, group, chord) carry their parts in ``kwargs``;
+    only their outer shape is checked.
+    """
+    if not isinstance(value, dict):
+        return f'it is a {type(value).__name__}, not a mapping'
+    if not isinstance(value.get('task'), str):
+        return 'its task name is not a string'
+    if not isinstance(value.get('args'), (list, tuple, type(None))):
+        return f'its args are a {type(value["args"]).__name__}, not a list'
+    for key in ('kwargs', 'options'):
+        if not isinstance(value.get(key), (dict, type(None))):
+            return f'its {key} are a {type(value[key]).__name__}, not a mapping'
+    kind = value.get('subtask_type')
+    if kind is not None and not (isinstance(kind, str) and kind in _signature_types()):
+        return f'its subtask_type {kind!r:.30} is no canvas type Celery knows'
+    return None
+
+
+def _signature_types() -> Collection[str]:
+    # Read on each use: an app may register a canvas type after import.
+    return Signature.TYPES or KNOWN_SIGNATURE_TYPES
 
 
 def _refuse_body(
