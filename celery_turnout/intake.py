@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from billiard.exceptions import Terminated, WorkerLostError
 from celery import Celery
+from celery.canvas import Signature
 from celery.exceptions import Ignore, InvalidTaskError, Reject, Retry
 from celery.states import FAILURE, READY_STATES, SUCCESS
 from celery.worker import state as worker_state
@@ -26,6 +27,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
 
+from .canvas import context_of_message, store_failure
 from .errors import JobExhausted, MalformedMessage
 from .events import announce_now
 from .faults import fault_point
@@ -145,18 +147,49 @@ def _body_problem(payload: Any) -> str | None:
                     f'not a list of signatures')
         for signature in signatures:
             # Celery builds an errback from a bare task name too.
-            if not (_is_signature(signature)
-                    or key == 'errbacks' and isinstance(signature, str)):
+            if key == 'errbacks' and isinstance(signature, str):
+                continue
+            why = _signature_problem(signature)
+            if why is not None:
                 return (f'its embedded {key} hold {signature!r:.60}, which is '
-                        f'not a task signature')
+                        f'not a task signature ({why})')
     chord = embed.get('chord')
-    if chord is not None and not _is_signature(chord):
-        return f'its embedded chord is {chord!r:.60}, not a task signature'
+    why = None if chord is None else _signature_problem(chord)
+    if why is not None:
+        return f'its embedded chord is {chord!r:.60}, not a task signature ({why})'
     return None
 
 
-def _is_signature(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get('task'), str)
+#: The canvas types of Celery 5, should its registry be empty.
+KNOWN_SIGNATURE_TYPES = frozenset(
+    {'chain', 'chord', 'chunks', 'group', 'xmap', 'xstarmap'},
+)
+
+
+def _signature_problem(value: Any) -> str | None:
+    """Why ``value`` is not the outer shape of a task signature, or None.
+
+    Nested canvases (chain, group, chord) carry their parts in ``kwargs``;
+    only their outer shape is checked.
+    """
+    if not isinstance(value, dict):
+        return f'it is a {type(value).__name__}, not a mapping'
+    if not isinstance(value.get('task'), str):
+        return 'its task name is not a string'
+    if not isinstance(value.get('args'), (list, tuple, type(None))):
+        return f'its args are a {type(value["args"]).__name__}, not a list'
+    for key in ('kwargs', 'options'):
+        if not isinstance(value.get(key), (dict, type(None))):
+            return f'its {key} are a {type(value[key]).__name__}, not a mapping'
+    kind = value.get('subtask_type')
+    if kind is not None and not (isinstance(kind, str) and kind in _signature_types()):
+        return f'its subtask_type {kind!r:.30} is no canvas type Celery knows'
+    return None
+
+
+def _signature_types() -> Collection[str]:
+    # Read on each use: an app may register a canvas type after import.
+    return Signature.TYPES or KNOWN_SIGNATURE_TYPES
 
 
 def _refuse_body(
@@ -255,7 +288,7 @@ def admit(
             'the worker holding it died before its first supervise tick and the '
             'broker returned its message'
         )
-        _fail_exhausted(supervisor, task, job_id, admission.attempt, reason)
+        _fail_exhausted(supervisor, task, job_id, admission.attempt, reason, message)
     elif verdict is Verdict.DUPLICATE:
         logger.info(
             'Dropping copy %s of job %s: attempt %d is already held by copy %s.',
@@ -343,18 +376,32 @@ def _max_takeovers(task: Any, supervisor: Supervisor) -> int:
 
 def _fail_exhausted(
     supervisor: Supervisor, task: Any, job_id: str, attempt: int,
-    reason: str,
+    reason: str, message: Message | None = None,
 ) -> None:
     exc = JobExhausted(
         f'job {job_id} ({task.name}) was lost on each of its {attempt - 1} '
         f'attempts, the last time because {reason}; giving up after '
         f'{_max_takeovers(task, supervisor)} takeover(s)'
     )
-    logger.error('Job %s fails for good: %s.', job_id, exc)
     # The completion mark fences the last attempt: should its copy still be
     # running (a paused owner), its progress and its outcome are refused.
-    supervisor.store.finish(job_id, attempt - 1, f'{supervisor.hostname}:exhausted')
-    task.backend.mark_as_failure(job_id, exc)
+    if not supervisor.store.finish(job_id, attempt - 1,
+                                   f'{supervisor.hostname}:exhausted'):
+        # Another copy failed it already, or it was cancelled: its FAILURE,
+        # errbacks and chord are not told twice.
+        logger.info(
+            'Dropping an exhausted copy of job %s: attempt %d already finished or '
+            'the job was cancelled; nothing more is stored.', job_id, attempt - 1,
+        )
+        return
+    logger.error('Job %s fails for good: %s.', job_id, exc)
+
+    def context() -> Any:
+        if message is None:
+            raise LookupError('no message to rebuild the request from')
+        return context_of_message(message, supervisor.app, task, supervisor.hostname)
+
+    store_failure(task.backend, job_id, attempt - 1, exc, context)
     supervisor.store.log(job_id, {
         'event': 'failed', 'attempt': attempt - 1, 'worker': supervisor.hostname,
         'at': time.time(), 'reason': str(exc),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import signals
+from .canvas import context_of_request, store_failure
 from .errors import JobStalled, JobSuperseded
 from .events import announce, announce_now, sends_job_events
 from .ledger import HeldJob
@@ -303,16 +304,17 @@ class ProgressWatch:
         supervisor.release(job, 'stalled', **detail)
         exc = JobStalled(f'job {job.id} ({job.task}) attempt {job.attempt}: {reason}')
 
-        def store_failure() -> None:
+        def fail_now() -> None:
             task = supervisor.app.tasks.get(job.task)
             backend = task.backend if task is not None else supervisor.app.backend
-            backend.mark_as_failure(job.id, exc)
+            store_failure(backend, job.id, job.attempt, exc,
+                          lambda: context_of_request(job.request))
             supervisor.store.log(job.id, _event(supervisor, 'failed', job,
                                                 reason=str(exc)))
             announce_now(supervisor, 'finished', job.id, job.attempt, job.task,
                          worker=supervisor.hostname, state='FAILURE')
 
-        supervisor.call_soon(store_failure)
+        supervisor.call_soon(fail_now)
 
 
 _STALL_WORDS = {

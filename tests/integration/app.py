@@ -93,8 +93,11 @@ def _register_jobs(app: Celery, records: Path) -> None:
     """Register the jobs the tests send, writing their records under ``records``."""
 
     def record(task: Task, event: str, **fields: Any) -> None:
+        write(task.request.id, task, event, **fields)
+
+    def write(job_id: str, task: Task, event: str, **fields: Any) -> None:
         line = {
-            "job": task.request.id,
+            "job": job_id,
             "attempt": getattr(task, "attempt", None),
             "worker": task.request.hostname,
             "pid": os.getpid(),
@@ -103,7 +106,7 @@ def _register_jobs(app: Celery, records: Path) -> None:
             **fields,
         }
         records.mkdir(parents=True, exist_ok=True)
-        path = records / f"{task.request.id}.jsonl"
+        path = records / f"{job_id}.jsonl"
 
         # One write of one line with O_APPEND: lines from several processes
         # never interleave.
@@ -160,6 +163,17 @@ def _register_jobs(app: Celery, records: Path) -> None:
             time.sleep(STEP)
         record(self, "finish")
         return outcome(self, seconds)
+
+    @app.task(name="it.errback", bind=True)
+    def errback(self: Task, failed_id: str) -> None:
+        """A ``link_error`` errback: record ``errback`` with the failed job."""
+        write(failed_id, self, "errback", errback=self.request.id)
+
+    @app.task(name="it.gather", bind=True)
+    def gather(self: Task, results: list[Any]) -> list[Any]:
+        """A chord body: record ``gather`` under its own id, return the results."""
+        record(self, "gather")
+        return results
 
     register_progress_jobs(app, record)
     register_poison_jobs(app, record)

@@ -681,6 +681,7 @@ def test_a_job_celery_refuses_after_admission_fails_and_is_held_no_longer(
         [[0.1], {}, "embed"],
         [[0.1], {}, {"callbacks": "it.sleeper"}],
         [[0.1], {}, {"chord": {"args": []}}],
+        [[0.1], {}, {"callbacks": [{"task": "it.sleeper", "args": 5}]}],
     ],
     ids=[
         "mapping",
@@ -690,6 +691,7 @@ def test_a_job_celery_refuses_after_admission_fails_and_is_held_no_longer(
         "embed-string",
         "callbacks-string",
         "chord-without-task",
+        "callback-args-number",
     ],
 )
 def test_a_job_message_of_the_wrong_shape_fails_and_the_worker_goes_on(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from harness import Cluster, stays_false
+from celery import chain, chord
+from harness import Cluster, stays_false, wait_for
 from poison_jobs import POISON_TAKEOVERS
 from test_faults import short_redelivery
 
@@ -69,3 +70,68 @@ def test_a_job_that_kills_every_worker_it_runs_on_stops_and_fails_for_good(
         3 * cluster.interval,
     )
     assert cluster.app.AsyncResult(job.id).state == "FAILURE"
+
+
+def test_a_job_that_exhausts_its_attempts_calls_its_errback_once(
+    cluster: Cluster,
+) -> None:
+    (worker,) = cluster.start(1, concurrency=1)
+    job = cluster.app.send_task(
+        "it.kills_its_pool_process", link_error=cluster.app.signature("it.errback")
+    )
+
+    with pytest.raises(JobExhausted, match=job.id):
+        job.get(timeout=60)
+    wait_for(
+        lambda: cluster.records.events(job.id, "errback"),
+        20,
+        f"the errback of job {job.id} to run",
+    )
+    assert stays_false(
+        lambda: len(cluster.records.events(job.id, "errback")) > 1,
+        3 * cluster.interval,
+    ), "the errback must run once"
+    assert worker.process.poll() is None
+
+
+def test_a_chord_whose_header_holds_an_exhausted_job_fails_its_body(
+    cluster: Cluster,
+) -> None:
+    (worker,) = cluster.start(1, concurrency=1)
+    app = cluster.app
+    header = [
+        app.signature("it.kills_its_pool_process"),
+        app.signature("it.sleeper", (0.2,)),
+    ]
+    body = chord(header, app=app)(app.signature("it.gather"))
+
+    wait_for(
+        lambda: body.state != "PENDING" and body.state,
+        60,
+        f"the chord body {body.id} to end",
+    )
+    assert body.state == "FAILURE"
+    assert not cluster.records.events(body.id, "gather"), "the body must not run"
+    assert worker.process.poll() is None
+
+
+def test_a_chain_whose_first_job_is_exhausted_fails_its_later_steps(
+    cluster: Cluster,
+) -> None:
+    (worker,) = cluster.start(1, concurrency=1)
+    app = cluster.app
+    last = chain(
+        app.signature("it.kills_its_pool_process"),
+        app.signature("it.sleeper", (0.2,), immutable=True),
+        app=app,
+    ).apply_async()
+
+    with pytest.raises(JobExhausted):
+        last.parent.get(timeout=60)
+    wait_for(
+        lambda: last.state != "PENDING" and last.state,
+        10,
+        f"the last step {last.id} of the chain to end",
+    )
+    assert last.state == "FAILURE"
+    assert not cluster.records.events(last.id, "start"), "it must not run"

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from harness import APP_DIR, Cluster, celery_cli, wait_for, worker_environment
+from harness import (
+    APP_DIR,
+    Cluster,
+    celery_cli,
+    stays_false,
+    wait_for,
+    worker_environment,
+)
 
 import celery_turnout
 
@@ -188,6 +195,27 @@ def test_a_stalled_job_with_on_stall_fail_ends_failure(cluster: Cluster) -> None
     assert type(job.result).__name__ == "JobStalled"
     assert "did not move" in str(job.result)
     assert not cluster.records.events(job.id, "finish")
+
+
+@pytest.mark.transports("redis", "rabbitmq")
+def test_a_stalled_job_with_on_stall_fail_calls_its_errback_once(
+    cluster: Cluster,
+) -> None:
+    cluster.start(1)
+    job = cluster.app.send_task(
+        "it.stall_failer", args=(60.0,), link_error=cluster.app.signature("it.errback")
+    )
+
+    wait_for(lambda: job.state == "FAILURE", 30, f"job {job.id} to end FAILURE")
+    wait_for(
+        lambda: cluster.records.events(job.id, "errback"),
+        20,
+        f"the errback of job {job.id} to run",
+    )
+    assert stays_false(
+        lambda: len(cluster.records.events(job.id, "errback")) > 1,
+        3 * cluster.interval,
+    ), "the errback must run once"
 
 
 class EventLog:

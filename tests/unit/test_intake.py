@@ -24,7 +24,7 @@ def test_the_embedded_signatures_celery_itself_sends_pass(app):
     add = app.signature('t.add', args=(1,))
     body = wire_body(
         app,
-        callbacks=[add, group(add, add)],
+        callbacks=[add, group(add, add), chain(add, add), chord([add, add], add)],
         errbacks=[app.signature('t.add'), 't.add'],
         chain=list(reversed(chain(add, add).tasks)),
         chord=chord([add, add], add).body,
@@ -47,6 +47,31 @@ def test_a_body_without_embedded_signatures_passes(app):
     ({'chain': ['t.add']}, "chain hold 't.add',"),
     ({'chord': 't.add'}, "embedded chord is 't.add', not a task signature"),
     ({'chord': {'task': 5}}, "embedded chord is {'task': 5},"),
+    ({'callbacks': [{'task': 'x', 'args': 5}]}, '(its args are a int, not a list)'),
+    ({'callbacks': [{'task': 'x', 'args': 'ab'}]}, 'its args are a str'),
+    ({'errbacks': [{'task': 'x', 'kwargs': [1]}]},
+     '(its kwargs are a list, not a mapping)'),
+    ({'chain': [{'task': 'x', 'options': 'zz'}]},
+     '(its options are a str, not a mapping)'),
+    ({'callbacks': [{'task': 'x', 'subtask_type': 'weird'}]},
+     "(its subtask_type 'weird' is no canvas type Celery knows)"),
+    ({'callbacks': [{'task': 'x', 'subtask_type': 3}]}, 'its subtask_type 3 is no'),
+    ({'chord': {'task': 'x', 'kwargs': 'y'}}, 'embedded chord is'),
+    ({'chord': {'task': 'x', 'subtask_type': 'weird'}}, 'no canvas type Celery'),
 ])
 def test_a_malformed_embedded_signature_is_named(embed, problem):
     assert problem in _body_problem([[1], {}, embed])
+
+
+def test_signatures_with_empty_or_null_parts_pass():
+    signature = {'task': 'x', 'args': None, 'kwargs': None, 'options': None,
+                 'subtask_type': None}
+    assert _body_problem([[1], {}, {'callbacks': [signature, {'task': 'y'}]}]) is None
+
+
+def test_a_canvas_type_registered_after_import_passes(monkeypatch):
+    from celery.canvas import Signature
+
+    monkeypatch.setitem(Signature.TYPES, 'unit_fanout', Signature)
+    signature = {'task': 'x', 'subtask_type': 'unit_fanout'}
+    assert _body_problem([[1], {}, {'callbacks': [signature]}]) is None
