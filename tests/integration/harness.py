@@ -73,6 +73,19 @@ def stays_false(
     return not condition()
 
 
+def wait_for_one_errback(cluster: Cluster, job_id: str) -> None:
+    """Wait for the ``it.errback`` call of a failed job, then see no second one."""
+    wait_for(
+        lambda: cluster.records.events(job_id, "errback"),
+        20,
+        f"the errback of job {job_id} to run",
+    )
+    assert stays_false(
+        lambda: len(cluster.records.events(job_id, "errback")) > 1,
+        3 * cluster.interval,
+    ), f"the errback of job {job_id} must run once"
+
+
 @dataclass
 class Records:
     """What the test jobs wrote about themselves, one JSON line per event."""

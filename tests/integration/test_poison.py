@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from celery import chain, chord
-from harness import Cluster, stays_false, wait_for
+from harness import Cluster, stays_false, wait_for, wait_for_one_errback
 from poison_jobs import POISON_TAKEOVERS
 from test_faults import short_redelivery
 
@@ -82,15 +82,7 @@ def test_a_job_that_exhausts_its_attempts_calls_its_errback_once(
 
     with pytest.raises(JobExhausted, match=job.id):
         job.get(timeout=60)
-    wait_for(
-        lambda: cluster.records.events(job.id, "errback"),
-        20,
-        f"the errback of job {job.id} to run",
-    )
-    assert stays_false(
-        lambda: len(cluster.records.events(job.id, "errback")) > 1,
-        3 * cluster.interval,
-    ), "the errback must run once"
+    wait_for_one_errback(cluster, job.id)
     assert worker.process.poll() is None
 
 
