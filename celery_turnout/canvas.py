@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.app.task import Context
+from celery.states import READY_STATES
 from celery.worker.request import Request
 from kombu.message import Message
 
@@ -59,7 +60,7 @@ def context_of_request(request: Request) -> Context:
 def store_failure(
     backend: Any, job_id: str, attempt: int, exc: BaseException,
     context: Callable[[], Context],
-) -> None:
+) -> str | None:
     """Store FAILURE for a job once, and tell its errbacks, chord and chain.
 
     Args:
@@ -71,9 +72,29 @@ def store_failure(
             the backend fail on the context, FAILURE is stored without it:
             the job's canvas is then not told, but the worker goes on.
 
-    Raises:
-        Exception: The backend could not store the failure at all.
+    Returns:
+        None once FAILURE is stored (or could not be, which is logged), or the
+        state the backend already holds when a copy of the job stored its
+        outcome first: that outcome stands, and its canvas was told then.
     """
+    try:
+        state = backend.get_task_meta(job_id).get('status')
+    except Exception as read_exc:  # no result backend, or it is down
+        logger.warning(
+            'Job %s attempt %d: could not read its stored outcome (%r); storing '
+            'its FAILURE all the same.', job_id, attempt, read_exc,
+        )
+        state = None
+    if state in READY_STATES:
+        logger.warning(
+            'Job %s attempt %d already has its outcome %s in the result backend; '
+            'it stands, and %s is not stored over it.',
+            job_id, attempt, state, type(exc).__name__,
+        )
+        return str(state)
+    # TODO(run the failure on a thread of its own): Celery calls errbacks that
+    # take (request, exc, traceback) in this process, here the worker's main
+    # thread, where a slow one holds up the worker.
     try:
         request = context()
     except Exception as build_exc:
@@ -82,8 +103,8 @@ def store_failure(
             'FAILURE is stored without it, so its errbacks, chord and chain are '
             'not told.', job_id, attempt, build_exc,
         )
-        backend.mark_as_failure(job_id, exc)
-        return
+        _store_plain_failure(backend, job_id, attempt, exc)
+        return None
     try:
         backend.mark_as_failure(job_id, exc, request=request)
     except Exception:
@@ -92,4 +113,18 @@ def store_failure(
             'failed; it is stored once more without it, and its errbacks, chord '
             'and chain may not have been told.', job_id, attempt,
         )
+        _store_plain_failure(backend, job_id, attempt, exc)
+    return None
+
+
+def _store_plain_failure(
+    backend: Any, job_id: str, attempt: int, exc: BaseException,
+) -> None:
+    try:
         backend.mark_as_failure(job_id, exc)
+    except Exception:
+        logger.exception(
+            'Job %s attempt %d failed for good, but its FAILURE could not be '
+            'stored in the result backend, which shows its last state instead; '
+            'turnout\'s history records the failure.', job_id, attempt,
+        )

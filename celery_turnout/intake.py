@@ -146,8 +146,8 @@ def _body_problem(payload: Any) -> str | None:
             return (f'its embedded {key} are a {type(signatures).__name__}, '
                     f'not a list of signatures')
         for signature in signatures:
-            # Celery builds an errback from a bare task name too.
-            if key == 'errbacks' and isinstance(signature, str):
+            # Celery builds a signature from a bare task name too.
+            if isinstance(signature, str):
                 continue
             why = _signature_problem(signature)
             if why is not None:
@@ -394,18 +394,26 @@ def _fail_exhausted(
             'the job was cancelled; nothing more is stored.', job_id, attempt - 1,
         )
         return
-    logger.error('Job %s fails for good: %s.', job_id, exc)
 
     def context() -> Any:
         if message is None:
             raise LookupError('no message to rebuild the request from')
         return context_of_message(message, supervisor.app, task, supervisor.hostname)
 
-    store_failure(task.backend, job_id, attempt - 1, exc, context)
-    supervisor.store.log(job_id, {
-        'event': 'failed', 'attempt': attempt - 1, 'worker': supervisor.hostname,
-        'at': time.time(), 'reason': str(exc),
-    })
+    # The last attempt may have stored its outcome and died before it claimed
+    # completion: that outcome stands.
+    stored = store_failure(task.backend, job_id, attempt - 1, exc, context)
+    if stored is not None:
+        supervisor.store.log(job_id, supervisor.event(
+            'finished', attempt - 1, state=stored,
+            reason='its outcome was stored before its worker died',
+        ))
+        announce_now(supervisor, 'finished', job_id, attempt - 1, task.name,
+                     worker=supervisor.hostname, state=stored)
+        return
+    logger.error('Job %s fails for good: %s.', job_id, exc)
+    supervisor.store.log(job_id, supervisor.event(
+        'failed', attempt - 1, reason=str(exc)))
     announce_now(supervisor, 'finished', job_id, attempt - 1, task.name,
                  worker=supervisor.hostname, state=FAILURE)
 

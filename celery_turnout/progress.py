@@ -307,12 +307,18 @@ class ProgressWatch:
         def fail_now() -> None:
             task = supervisor.app.tasks.get(job.task)
             backend = task.backend if task is not None else supervisor.app.backend
-            store_failure(backend, job.id, job.attempt, exc,
-                          lambda: context_of_request(job.request))
-            supervisor.store.log(job.id, _event(supervisor, 'failed', job,
-                                                reason=str(exc)))
+            stored = store_failure(backend, job.id, job.attempt, exc,
+                                   lambda: context_of_request(job.request))
+            if stored is None:
+                supervisor.store.log(job.id, _event(supervisor, 'failed', job,
+                                                    reason=str(exc)))
+            else:
+                # The copy stored its outcome just before it was stopped.
+                supervisor.store.log(job.id, _event(
+                    supervisor, 'finished', job, state=stored,
+                    reason='its outcome was stored before the stall stopped it'))
             announce_now(supervisor, 'finished', job.id, job.attempt, job.task,
-                         worker=supervisor.hostname, state='FAILURE')
+                         worker=supervisor.hostname, state=stored or 'FAILURE')
 
         supervisor.call_soon(fail_now)
 

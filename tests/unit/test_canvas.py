@@ -66,13 +66,18 @@ def test_a_context_is_read_from_a_request_the_worker_built(app):
 class Backend:
     """Records how ``mark_as_failure`` is called; fails when told to."""
 
-    def __init__(self, fail_with_request=False):
+    def __init__(self, fail_with_request=False, state='PENDING', fail=False):
         self.calls = []
         self.fail_with_request = fail_with_request
+        self.state = state
+        self.fail = fail
+
+    def get_task_meta(self, job_id):
+        return {'status': self.state}
 
     def mark_as_failure(self, job_id, exc, request=None):
         self.calls.append((job_id, exc, request))
-        if request is not None and self.fail_with_request:
+        if self.fail or request is not None and self.fail_with_request:
             raise RuntimeError('errback could not be sent')
 
 
@@ -101,3 +106,21 @@ def test_a_backend_failing_on_the_context_still_stores_the_failure(caplog):
         store_failure(backend, 'job-1', 3, exc, lambda: 'context')
     assert backend.calls == [('job-1', exc, 'context'), ('job-1', exc, None)]
     assert 'stored once more without it' in caplog.text
+
+
+@pytest.mark.parametrize('state', ['SUCCESS', 'FAILURE', 'REVOKED'])
+def test_an_outcome_a_copy_stored_first_stands(state, caplog):
+    backend, exc = Backend(state=state), JobExhausted('lost')
+    with caplog.at_level(logging.WARNING, logger='celery_turnout.canvas'):
+        assert store_failure(backend, 'job-1', 3, exc, lambda: 'context') == state
+    assert backend.calls == [], 'no errback, chord or chain may be told twice'
+    assert f'Job job-1 attempt 3 already has its outcome {state}' in caplog.text
+
+
+def test_a_backend_that_cannot_store_the_failure_at_all_is_logged(caplog):
+    backend, exc = Backend(fail=True), JobExhausted('lost')
+    with caplog.at_level(logging.ERROR, logger='celery_turnout.canvas'):
+        assert store_failure(backend, 'job-1', 3, exc, lambda: 'context') is None
+    assert len(backend.calls) == 2
+    assert 'Job job-1 attempt 3 failed for good, but its FAILURE could not' in (
+        caplog.text)
