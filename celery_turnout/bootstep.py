@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 MAIN_THREAD_PERIOD = 0.2
 #: Longest a shutdown waits for its jobs to be re-dispatched.
 HANDOFF_TIMEOUT = 10.0
+#: Seconds beyond kombu's ``brpop_timeout`` that a leaving worker waits for the
+#: answer to its task consumer's last Redis read.
+PENDING_READ_SLACK = 2.0
 
 _shutting_down = False
 
@@ -130,7 +133,7 @@ class Supervision(bootsteps.StartStopStep):
                 try:
                     if c.task_consumer is not None:
                         c.task_consumer.cancel()
-                        _finish_pending_read(c.task_consumer)
+                        _finish_pending_read(c.task_consumer, c.hostname)
                 except Exception as exc:
                     logger.warning(
                         'Worker %s could not stop its task consumer before handing '
@@ -156,7 +159,7 @@ class Supervision(bootsteps.StartStopStep):
         supervisor.run_pending_calls()
 
 
-def _finish_pending_read(consumer: Any) -> None:
+def _finish_pending_read(consumer: Any, hostname: str) -> None:
     """Take in the reply to the read a cancelled Redis consumer has in flight.
 
     kombu's Redis transport keeps a BRPOP waiting on the server while it
@@ -172,16 +175,30 @@ def _finish_pending_read(consumer: Any) -> None:
     # read): these are the Redis channel's private attributes, checked so that
     # another kombu version or transport is merely left as it is.
     finish = getattr(channel, '_brpop_read', None)
+    pending = getattr(channel, '_in_poll', None)
     poller = getattr(getattr(channel, 'connection', None), 'cycle', None)
     if (
-        finish is None or not getattr(channel, '_in_poll', None)
+        finish is None or not pending or not hasattr(pending, 'can_read')
         or getattr(poller, '_in_protected_read', False)
     ):
         return
+    # A socket silent for longer than the server's timeout is half open: the
+    # read would never end.
+    patience = (getattr(channel, 'brpop_timeout', None) or 1) + PENDING_READ_SLACK
     try:
-        finish()
+        if pending.can_read(timeout=patience):
+            finish()
+            return
+        problem = f'no answer within {patience:.0f} s'
     except Empty:
-        pass  # the read timed out empty
+        return  # the server's timeout ran out with nothing to hand over
+    except Exception as exc:
+        problem = repr(exc)
+    logger.warning(
+        'Worker %s could not take in the pending Redis read of its task consumer '
+        '(%s); it hands its jobs off all the same. A copy that read fetches '
+        'comes back when the worker\'s connection closes.', hostname, problem,
+    )
 
 
 def _safe(url: str) -> str:
