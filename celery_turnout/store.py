@@ -49,6 +49,9 @@ from .errors import ImproperlyConfigured
 
 #: Prefix of a claim that marks a job finished.
 DONE = 'done:'
+#: Most fence notices kept for one worker: the newest, which name every job a
+#: takeover of its latest ticks took.
+KEPT_FENCE_LIMIT = 1000
 
 
 class Verdict(enum.Enum):
@@ -394,6 +397,7 @@ class RedisStore(Store):
         key = self._fences_key(owner)
         with self._client.pipeline() as pipe:
             pipe.rpush(key, body)
+            pipe.ltrim(key, -KEPT_FENCE_LIMIT, -1)
             pipe.expire(key, self.ttl)
             pipe.execute()
 
@@ -554,9 +558,16 @@ class FileStore(Store):
         path = os.path.join(self._fences_folder(owner), 'fences')
         try:
             with open(path) as file:
-                return [json.loads(line) for line in file if line.strip()]
+                lines = file.read().splitlines()
         except FileNotFoundError:
             return []
+        kept = []
+        for line in lines[-KEPT_FENCE_LIMIT:]:
+            try:
+                kept.append(json.loads(line))
+            except ValueError:
+                continue  # torn by a crash in the middle of an append
+        return [body for body in kept if isinstance(body, str)]
 
     def _fences_folder(self, owner: str) -> str:
         digest = hashlib.sha1(owner.encode()).hexdigest()

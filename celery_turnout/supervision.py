@@ -353,8 +353,10 @@ class Supervisor:
         self._pending: list[_Pending] = []
         self._seq = itertools.count()
         self._tick_no = 0
-        #: When the control queue was last read (monotonic), None before that.
-        self._fences_read_at: float | None = None
+        #: When the control queue was last read, on the monotonic clock and on
+        #: the wall clock (which also runs while the host is suspended, as the
+        #: broker's expiry of the queue does); None before the first read.
+        self._fences_read_at: tuple[float, float] | None = None
         self._last_lane: Queue | None = None
         self._origin = time.monotonic()
         self._next_tick = self._origin + settings.supervise_interval
@@ -924,7 +926,7 @@ class Supervisor:
         self.ledger.discard(job)
 
     def _read_fences(self, session: _Session) -> None:
-        began = time.monotonic()
+        began = (time.monotonic(), time.time())
         while True:
             message = session.next_control_message(self.accept)
             if message is None:
@@ -942,10 +944,12 @@ class Supervisor:
         # The broker drops a control queue left unused for turnout_queue_expires,
         # with the notices in it. Half of that is well inside what any queue
         # this worker last read or declared is kept for.
-        if self._fences_read_at is not None and (
-            began - self._fences_read_at > self.settings.queue_expires / 2
-        ):
-            self._read_kept_fences(session, began - self._fences_read_at)
+        if self._fences_read_at is not None:
+            (monotonic, wall), (last_monotonic, last_wall) = (
+                began, self._fences_read_at)
+            silence = max(monotonic - last_monotonic, wall - last_wall)
+            if silence > self.settings.queue_expires / 2:
+                self._read_kept_fences(session, silence)
         self._fences_read_at = began
 
     def _read_kept_fences(self, session: _Session, silence: float) -> None:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from celery_turnout.store import Store, Verdict
+from celery_turnout.store import KEPT_FENCE_LIMIT, Store, Verdict
 
 EVENT = {'event': 'started', 'worker': 'w1', 'at': 0.0}
 
@@ -144,6 +144,14 @@ def fence_notices_are_kept_per_owner_in_order(store: Store) -> None:
     assert store.kept_fences('w2@host.def') == ['{"jobs": []}']
 
 
+def only_the_newest_fence_notices_are_kept(store: Store) -> None:
+    for n in range(KEPT_FENCE_LIMIT + 2):
+        store.keep_fence('w1@host.abc', f'{{"n": {n}}}')
+    kept = store.kept_fences('w1@host.abc')
+    assert len(kept) == KEPT_FENCE_LIMIT
+    assert kept[0] == '{"n": 2}' and kept[-1] == f'{{"n": {KEPT_FENCE_LIMIT + 1}}}'
+
+
 CONTRACT = [
     the_first_copy_of_an_attempt_starts_it,
     another_copy_of_the_same_attempt_is_a_duplicate,
@@ -159,4 +167,5 @@ CONTRACT = [
     a_superseded_attempt_can_write_neither_progress_nor_checkpoints,
     a_finished_or_cancelled_job_takes_no_more_progress,
     fence_notices_are_kept_per_owner_in_order,
+    only_the_newest_fence_notices_are_kept,
 ]

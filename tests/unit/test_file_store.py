@@ -1,6 +1,7 @@
 """The directory store keeps the claim semantics, also across processes."""
 
 import multiprocessing
+import os
 
 import pytest
 from store_contract import CONTRACT
@@ -44,3 +45,14 @@ def test_a_job_id_that_is_no_safe_file_name_still_gets_its_own_folder(store):
     store.admit('../../etc/passwd', 1, 'c', b'm', 4, {'event': 'started'})
     assert store.message('../../etc/passwd') == b'm'
     assert store.message('passwd') is None
+
+
+def test_a_torn_line_among_the_kept_fences_is_skipped(tmp_path):
+    store = FileStore(str(tmp_path), 'test', ttl=60)
+    store.keep_fence('w1@host.abc', '{"jobs": [["job-1", 1]]}')
+    with open(os.path.join(store._fences_folder('w1@host.abc'), 'fences'), 'a') as f:
+        f.write('"{\\"jobs\\": [[\n')
+    store.keep_fence('w1@host.abc', '{"jobs": [["job-2", 1]]}')
+    assert store.kept_fences('w1@host.abc') == [
+        '{"jobs": [["job-1", 1]]}', '{"jobs": [["job-2", 1]]}',
+    ]

@@ -599,13 +599,17 @@ def test_a_takeover_keeps_its_fence_in_the_store_before_it_sends_the_notice(
     assert Fence.from_body(json.loads(kept)).jobs == (('job-1', 1),)
 
 
-def silent_for(supervisor, seconds):
-    """Make the last read of the control queue ``seconds`` old."""
-    supervisor._fences_read_at = time.monotonic() - seconds
+def silent_for(supervisor, seconds, clock='both'):
+    """Make the last read of the control queue ``seconds`` old on one or both
+    clocks (a suspended host stops the monotonic one)."""
+    monotonic = time.monotonic() - (seconds if clock != 'wall' else 0)
+    wall = time.time() - (seconds if clock != 'monotonic' else 0)
+    supervisor._fences_read_at = (monotonic, wall)
 
 
+@pytest.mark.parametrize('clock', ['both', 'monotonic', 'wall'])
 def test_an_owner_back_after_its_control_queue_may_have_expired_obeys_kept_fences(
-    supervisor, store, session,
+    supervisor, store, session, clock,
 ):
     job = hold(supervisor, store)
     other = hold(supervisor, store, 'job-2')
@@ -615,7 +619,7 @@ def test_an_owner_back_after_its_control_queue_may_have_expired_obeys_kept_fence
     store.keep_fence(supervisor.worker_id,
                      json.dumps(a_fence(supervisor, ('job-1', 1)).to_body()))
     store.keep_fence(supervisor.worker_id, '{"kind": "fence", "jobs": "all"}')
-    silent_for(supervisor, supervisor.settings.queue_expires)
+    silent_for(supervisor, supervisor.settings.queue_expires, clock)
     session.ops.clear()
 
     supervisor._tick(session)
