@@ -376,7 +376,7 @@ def _max_takeovers(task: Any, supervisor: Supervisor) -> int:
 
 def _fail_exhausted(
     supervisor: Supervisor, task: Any, job_id: str, attempt: int,
-    reason: str, message: Message | None = None,
+    reason: str, message: Message,
 ) -> None:
     exc = JobExhausted(
         f'job {job_id} ({task.name}) was lost on each of its {attempt - 1} '
@@ -396,8 +396,6 @@ def _fail_exhausted(
         return
 
     def context() -> Any:
-        if message is None:
-            raise LookupError('no message to rebuild the request from')
         return context_of_message(message, supervisor.app, task, supervisor.hostname)
 
     # The last attempt may have stored its outcome and died before it claimed

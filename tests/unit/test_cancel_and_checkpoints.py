@@ -183,7 +183,9 @@ def test_an_exhausted_job_fences_its_last_attempt(app):
     claim(app, 1)
     claim(app, 2)
 
-    _fail_exhausted(supervisor, app.tasks['unit.resumable'], 'job-1', 3, {})
+    # No real message: the failure is stored without the job's canvas context.
+    _fail_exhausted(supervisor, app.tasks['unit.resumable'], 'job-1', 3, 'lost',
+                    message=None)
 
     assert app.AsyncResult('job-1').state == 'FAILURE'
     assert store.superseded('job-1', 2), 'a paused last attempt must not go on'
